@@ -1,0 +1,147 @@
+"""End-to-end benchmark on the bundled model: prefill, question pass, decode, peak RSS, KV bytes.
+
+    python benchmarks/e2e.py --lengths 8000,16000,32000,64000,128000 --out results/e2e.json
+
+Every (method, length) runs in its own subprocess so that peak RSS belongs to that run alone. Methods:
+`parallelcomp` (package defaults), `truncate` (head and tail that fit the window) and `hf_full`
+(transformers LlamaForCausalLM, sdpa, the whole document in one causal pass, then greedy decoding with its
+cache), the last one only up to --hf-max tokens. Also measured: the machine's GEMM rate at the model's
+shapes, and the linear-layer floor for each length (2 x non-embedding parameters x tokens / rate).
+Prints a markdown table; never asserts timings.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+QUESTION = "What is the main topic of the text above? Answer in one sentence."
+
+
+def essay_text(tokenizer, tokens: int) -> str:
+    from parallelcomp_triton.tasks import essay_tokens
+
+    ids = essay_tokens(tokenizer)
+    if tokens > len(ids):
+        ids = ids * (tokens // len(ids) + 1)
+    return tokenizer.decode(list(ids[:tokens]))
+
+
+def gemm_rate(hidden: int, inter: int, rows: int = 2048, repeats: int = 5) -> float:
+    """Median FLOP/s of the model's MLP-shaped fp32 GEMMs on this machine."""
+    import torch
+
+    x = torch.randn(rows, hidden)
+    w1, w2 = torch.randn(inter, hidden), torch.randn(hidden, inter)
+    times = []
+    for _ in range(repeats + 1):
+        t = time.perf_counter()
+        h = x @ w1.T
+        h @ w2.T
+        times.append(time.perf_counter() - t)
+    times = sorted(times[1:])
+    return 2 * 2 * rows * hidden * inter / times[len(times) // 2]
+
+
+def run_one(method: str, tokens: int, max_new: int) -> dict:
+    import torch
+
+    from parallelcomp_triton import ParallelComp, ParallelCompConfig
+
+    pc = ParallelComp.from_pretrained(None)
+    doc = essay_text(pc.tokenizer, tokens)
+    out = {"method": method, "tokens": tokens}
+    if method in ("parallelcomp", "truncate"):
+        cfg = ParallelCompConfig(mode=method, max_new_tokens=max_new)
+        res = pc.generate(doc, QUESTION, config=cfg)
+        st = res.stats
+        out.update(prefill_s=st["time_prefill_s"], question_s=st["time_question_s"],
+                   decode_ms_per_token=st["decode_ms_per_token"], new_tokens=st["new_tokens"],
+                   kv_cache_bytes=st["kv_cache_bytes"], document_tokens=st["document_tokens"],
+                   chunks=len(st["chunk_spans"]), answer=res.text)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(pc.source, dtype=torch.float32, attn_implementation="sdpa").eval()
+        del pc.model
+        prompt = doc + "\n\n" + QUESTION
+        ids = torch.tensor([pc.tokenizer.encode(prompt, add_special_tokens=False)])
+        with torch.no_grad():
+            t = time.perf_counter()
+            o = hf(ids, use_cache=True, logits_to_keep=1)
+            prefill = time.perf_counter() - t
+            past, nxt = o.past_key_values, o.logits[:, -1].argmax(-1, keepdim=True)
+            t = time.perf_counter()
+            for _ in range(max_new - 1):
+                o = hf(nxt, past_key_values=past, use_cache=True)
+                past, nxt = o.past_key_values, o.logits[:, -1].argmax(-1, keepdim=True)
+            dec = time.perf_counter() - t
+        cfg = hf.config
+        kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (ids.shape[1] + max_new) * (
+            cfg.hidden_size // cfg.num_attention_heads) * 4
+        out.update(prefill_s=prefill, question_s=0.0, decode_ms_per_token=1000 * dec / max(1, max_new - 1),
+                   new_tokens=max_new, kv_cache_bytes=kv, document_tokens=ids.shape[1], chunks=1)
+    out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--lengths", default="8000,16000,32000,64000,128000")
+    p.add_argument("--methods", default="parallelcomp,truncate,hf_full")
+    p.add_argument("--hf-max", type=int, default=16000, help="longest document for hf_full")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--out", default="results/e2e.json")
+    p.add_argument("--one", nargs=2, metavar=("METHOD", "TOKENS"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        print(json.dumps(run_one(args.one[0], int(args.one[1]), args.max_new_tokens)))
+        return 0
+    import torch
+
+    from parallelcomp_triton.bundled import bundled_model_dir
+
+    cfg = json.load(open(os.path.join(bundled_model_dir(), "config.json")))
+    h, i, n_layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    kv_dim = cfg["num_key_value_heads"] * (h // cfg["num_attention_heads"])
+    non_embedding = n_layers * (2 * h * h + 2 * h * kv_dim + 3 * h * i)
+    rate = gemm_rate(h, i)
+    rows = []
+    for n in [int(x) for x in args.lengths.split(",")]:
+        for method in args.methods.split(","):
+            if method == "hf_full" and n > args.hf_max:
+                continue
+            proc = subprocess.run([sys.executable, __file__, "--one", method, str(n),
+                                   "--max-new-tokens", str(args.max_new_tokens)],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(f"{method} {n}: failed: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+                continue
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            row["linear_floor_s"] = 2 * non_embedding * row["document_tokens"] / rate
+            row["prefill_over_floor"] = row["prefill_s"] / row["linear_floor_s"]
+            rows.append(row)
+            print(f"{method:>12} {n:>7}: prefill {row['prefill_s']:.1f} s ({row['prefill_over_floor']:.2f}x floor), "
+                  f"decode {row['decode_ms_per_token']:.1f} ms/token, RSS {row['peak_rss_bytes'] / 2**30:.2f} GiB",
+                  file=sys.stderr, flush=True)
+    result = {"machine": {"threads": torch.get_num_threads(), "gemm_gflops": rate / 1e9, "torch": torch.__version__},
+              "non_embedding_params": non_embedding, "rows": rows}
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"GEMM rate {rate / 1e9:.1f} GFLOP/s (fp32, {torch.get_num_threads()} threads)\n")
+    print("| method | tokens | chunks | prefill s | x linear floor | question s | decode ms/token | peak RSS GiB | KV MiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['method']} | {r['document_tokens']} | {r['chunks']} | {r['prefill_s']:.1f} | "
+              f"{r['prefill_over_floor']:.2f} | {r['question_s']:.2f} | {r['decode_ms_per_token']:.1f} | "
+              f"{r['peak_rss_bytes'] / 2**30:.2f} | {r['kv_cache_bytes'] / 2**20:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Settings of one ParallelComp run, in one dataclass, checked before any work starts."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from .errors import ParallelCompError
+
+MODES = ("parallelcomp", "full", "truncate")
+REGIONS = ("sink", "recent", "middle", "all")
+GQA_REDUCES = ("max", "mean", "sum")
+TEMPLATES = ("plain", "chat")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Attention-bias calibration: in layers first..last, mask (per query head) the merged-cache tokens
+    of `region` whose attention from the last `rows` question rows exceeds `tau`."""
+
+    region: str = "sink"
+    first_layer: int = 3
+    last_layer: int = 6
+    tau: float = 0.1
+    rows: int = 1
+    region_tokens: int = 100  # n of "first n" (sink) and "last n" (recent)
+
+    @classmethod
+    def parse(cls, spec: str) -> "Calibration":
+        """'REGION:I-J:TAU', e.g. 'sink:3-6:0.1' (TAU optional)."""
+        m = re.fullmatch(r"\s*(\w+)\s*:\s*(\d+)\s*-\s*(\d+)\s*(?::\s*([0-9.eE+-]+))?\s*", spec or "")
+        if not m:
+            raise ParallelCompError(f"--calibrate {spec!r}: expected REGION:I-J[:TAU], e.g. sink:3-6:0.1")
+        tau = float(m.group(4)) if m.group(4) else 0.1
+        cal = cls(region=m.group(1), first_layer=int(m.group(2)), last_layer=int(m.group(3)), tau=tau)
+        cal.check()
+        return cal
+
+    def check(self, num_layers: int | None = None) -> None:
+        if self.region not in REGIONS:
+            raise ParallelCompError(f"calibration region {self.region!r}: expected one of {', '.join(REGIONS)}")
+        if self.first_layer < 0 or self.last_layer < self.first_layer:
+            raise ParallelCompError(f"calibration layers {self.first_layer}-{self.last_layer}: need 0 <= I <= J")
+        if num_layers is not None and self.last_layer >= num_layers:
+            raise ParallelCompError(f"calibration layers {self.first_layer}-{self.last_layer}: the model has "
+                                    f"{num_layers} layers (0-{num_layers - 1})")
+        if not 0.0 < self.tau < 1.0:
+            raise ParallelCompError(f"calibration tau {self.tau}: must be in (0, 1)")
+        if self.rows < 1 or self.region_tokens < 1:
+            raise ParallelCompError("calibration rows and region_tokens must be >= 1")
+
+
+@dataclass
+class ParallelCompConfig:
+    """Defaults follow the method's released recipe where it has one and our measurements where it does not
+    (see README "Defaults")."""
+
+    mode: str = "parallelcomp"
+    # Prompt: the template holds {context} and {question}; what precedes {context} is the shared prefix
+    # encoded once, what follows it (with the question filled in) is appended to every chunk.
+    template: str = "plain"
+    prompt: str | None = None  # overrides `template` when given
+    # Chunking. chunk_tokens None: as large as the trained window allows after prefix, question and answer.
+    chunk_tokens: int | None = None
+    window: int | None = None  # trained window; None: the model's max_position_embeddings
+    batch_chunks: int = 4
+    # Chunk eviction: keep the K chunks with the lowest question NLL.
+    keep_chunks: int = 3
+    # Parallel KV-cache eviction: B context tokens per chunk, layer and KV head (None: keep all).
+    kv_budget: int | None = 1024
+    score_window: int = 8
+    pool_kernel: int = 7
+    gqa_reduce: str = "max"
+    calibration: Calibration | None = None
+    # Decoding.
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_strings: tuple[str, ...] = field(default_factory=tuple)
+
+    def check(self) -> None:
+        if self.mode not in MODES:
+            raise ParallelCompError(f"mode {self.mode!r}: expected one of {', '.join(MODES)}")
+        if self.prompt is None and self.template not in TEMPLATES:
+            raise ParallelCompError(f"template {self.template!r}: expected one of {', '.join(TEMPLATES)}")
+        if self.prompt is not None and ("{context}" not in self.prompt or "{question}" not in self.prompt
+                                        or self.prompt.index("{context}") > self.prompt.index("{question}")):
+            raise ParallelCompError("prompt: must contain {context} followed later by {question}")
+        for name in ("keep_chunks", "batch_chunks", "score_window", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ParallelCompError(f"{name} = {getattr(self, name)}: must be >= 1")
+        if self.kv_budget is not None and self.kv_budget < 1:
+            raise ParallelCompError(f"kv_budget = {self.kv_budget}: must be >= 1 (or None to keep every token)")
+        if self.chunk_tokens is not None and self.chunk_tokens < 1:
+            raise ParallelCompError(f"chunk_tokens = {self.chunk_tokens}: must be >= 1")
+        if self.window is not None and self.window < 2:
+            raise ParallelCompError(f"window = {self.window}: must be >= 2")
+        if self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
+            raise ParallelCompError(f"pool_kernel = {self.pool_kernel}: must be odd and >= 1")
+        if self.gqa_reduce not in GQA_REDUCES:
+            raise ParallelCompError(f"gqa_reduce {self.gqa_reduce!r}: expected one of {', '.join(GQA_REDUCES)}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ParallelCompError("temperature must be >= 0 and top_p in (0, 1]")
+        if self.calibration is not None:
+            self.calibration.check()

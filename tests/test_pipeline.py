@@ -1,0 +1,165 @@
+"""Semantics of the ParallelComp pipeline on a tiny random Llama (fast, no real model needed)."""
+import random
+
+import pytest
+import torch
+
+import parallelcomp_triton.pipeline as pipeline_mod
+from parallelcomp_triton import Calibration, ParallelCompConfig, ParallelCompError
+from parallelcomp_triton.kernels.chunk_attention import chunk_attention_reference
+from parallelcomp_triton.prompt import split_even
+from _tiny_pipeline import tiny_pc
+
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
+
+
+def document(n_words: int, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    return " ".join(rng.choice(WORDS) for _ in range(n_words))
+
+
+@pytest.fixture(scope="module")
+def pc():
+    torch.manual_seed(0)
+    return tiny_pc()
+
+
+def test_split_even_covers_and_balances():
+    for n in (1, 7, 100, 1001):
+        for size in (1, 3, 64, 1000, 5000):
+            spans = split_even(n, size)
+            assert spans[0][0] == 0 and spans[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+            lengths = [e - s for s, e in spans]
+            assert len(spans) == -(-n // size) and max(lengths) - min(lengths) <= 1 and max(lengths) <= size
+
+
+@pytest.mark.parametrize("keep,budget,batch", [(1, 16, 2), (2, None, 3), (3, 40, 1), (2, 7, 4)])
+def test_chunk_eviction_merge_and_positions(pc, keep, budget, batch):
+    cfg = ParallelCompConfig(chunk_tokens=97, keep_chunks=keep, kv_budget=budget, batch_chunks=batch,
+                             max_new_tokens=4, template="chat")
+    res = pc.generate(document(180, seed=keep), "Which word comes first?", config=cfg)
+    st = res.stats
+    spans = st["chunk_spans"]
+    assert len(spans) >= 5
+    nll = st["chunk_nll_all"]
+    assert all(v is not None for v in nll)
+    # The K lowest question NLLs survive, in document order.
+    expected = sorted(sorted(range(len(nll)), key=lambda c: (nll[c], c))[:keep])
+    assert st["kept_chunks"] == expected
+    # Merged length: the shared prefix once plus exactly what each kept chunk kept.
+    ctx = [e - s for s, e in spans]
+    per_chunk = [min(budget, ctx[c]) if budget else ctx[c] for c in expected]
+    assert st["kv_tokens_per_layer_after"] == st["prefix_tokens"] + sum(per_chunk)
+    assert st["kv_tokens_per_layer_before"] == st["prefix_tokens"] + sum(ctx)
+    # The question sits right after the longest kept chunk.
+    assert st["question_position"] == st["prefix_tokens"] + max(ctx[c] for c in expected)
+    # Memory bound: K kept caches plus one batch at most.
+    assert st["max_alive_chunk_caches"] <= keep + batch
+    if budget:
+        for c in expected:
+            for layer_pos in res.kept_positions[c]:
+                assert layer_pos.shape == (pc.args.num_kv_heads, min(budget, ctx[c]))
+                assert (layer_pos >= 0).all() and (layer_pos < ctx[c]).all()
+                assert (layer_pos[:, 1:] > layer_pos[:, :-1]).all()  # ascending, distinct
+
+
+def test_single_chunk_equals_plain_causal_greedy(pc):
+    """One chunk, K = 1, no eviction: the question pass over the cache equals one causal pass over the
+    whole prompt, so greedy tokens equal a naive greedy loop on the full prompt."""
+    doc, question = document(60, seed=3), "Name a word."
+    cfg = ParallelCompConfig(keep_chunks=1, kv_budget=None, max_new_tokens=8)
+    res = pc.generate(doc, question, config=cfg)
+    assert len(res.stats["chunk_spans"]) == 1
+    ids = pc.tokenizer.encode(doc, add_special_tokens=False) + pc.tokenizer.encode("\n\n" + question,
+                                                                                   add_special_tokens=False)
+    eos = pc.tokenizer.eos_token_id
+    out = []
+    for _ in range(8):
+        nxt = int(pc.model.logits(torch.tensor([ids + out]))[0, -1].argmax())
+        if nxt == eos:
+            break
+        out.append(nxt)
+    assert res.token_ids == out
+    assert pc.generate(doc, question, config=ParallelCompConfig(mode="full", max_new_tokens=8)).token_ids == out
+
+
+def test_full_and_truncate_modes(pc):
+    doc = document(400, seed=5)
+    res = pc.generate(doc, "What?", config=ParallelCompConfig(mode="truncate", window=300, max_new_tokens=3))
+    st = res.stats
+    assert st["kv_tokens_per_layer_after"] + st["question_tokens"] + 3 <= 300
+    res = pc.generate(doc, "What?", config=ParallelCompConfig(mode="full", max_new_tokens=3))
+    assert res.stats["kv_tokens_per_layer_after"] == res.stats["document_tokens"] + res.stats["prefix_tokens"]
+
+
+def test_calibration_masks_exactly_above_tau_in_region_and_layers(pc, monkeypatch):
+    """Record what the question pass computes and recheck every mask with the float64 reference."""
+    calls = []
+    real = pipeline_mod.chunk_attention
+
+    def spy(q, k, v, cu_q, cu_k, **kw):
+        res = real(q, k, v, cu_q, cu_k, **kw)
+        calls.append((q.clone(), k.clone(), v.clone(), cu_q, cu_k, dict(kw), res))
+        return res
+
+    cal = Calibration(region="sink", first_layer=1, last_layer=2, tau=0.02, rows=2, region_tokens=30)
+    cfg = ParallelCompConfig(chunk_tokens=80, keep_chunks=2, kv_budget=24, max_new_tokens=3, calibration=cal)
+    doc = document(150, seed=7)
+    monkeypatch.setattr(pipeline_mod, "chunk_attention", spy)
+    res = pc.generate(doc, "Which word?", config=cfg)
+    question_calls = [c for c in calls if int(c[3][-1]) < int(c[4][-1])]  # Lq < Lk: the question pass
+    # Layers outside 1..2 run once (no calibration); calibrated layers run a score pass, then the masked pass.
+    per_layer = [1, 2, 2]
+    assert len(question_calls) == sum(per_layer)
+    merged = res.stats["kv_tokens_per_layer_after"]
+    masked = res.stats["calibration_masked_per_head"]
+    assert sorted(masked) == [1, 2]
+    i = 0
+    any_masked = False
+    for layer, n in enumerate(per_layer):
+        if n == 1:
+            assert question_calls[i][5].get("key_mask") is None
+            i += 1
+            continue
+        q, k, v, cu_q, cu_k, kw, _ = question_calls[i]
+        _, _, scores = chunk_attention_reference(q, k, v, cu_q, cu_k, causal=True, score_window=2,
+                                                 score_reduce="none")
+        j = torch.arange(k.shape[0])
+        region = (j < 30) & (j < merged)
+        expected = (scores / 2 > 0.02) & region[:, None]
+        got = question_calls[i + 1][5]["key_mask"]
+        # Keys sitting on the threshold within float error may go either way; nothing else may differ.
+        near = ((scores / 2 - 0.02).abs() < 1e-6) & region[:, None]
+        assert torch.equal(got & ~near, expected & ~near)
+        assert not got[~region].any()
+        assert masked[layer] == got.sum(0).tolist()
+        any_masked |= bool(got.any())
+        i += 2
+    assert any_masked
+
+
+def test_bad_settings_raise_one_line_errors(pc):
+    doc = document(50)
+    for cfg in (ParallelCompConfig(kv_budget=0), ParallelCompConfig(keep_chunks=0),
+                ParallelCompConfig(mode="nope"), ParallelCompConfig(window=36, max_new_tokens=30),
+                ParallelCompConfig(chunk_tokens=10_000), ParallelCompConfig(pool_kernel=4),
+                ParallelCompConfig(calibration=Calibration(first_layer=2, last_layer=9))):
+        with pytest.raises(ParallelCompError) as e:
+            pc.generate(doc, "What?", config=cfg)
+        assert "\n" not in str(e.value)
+    for context in ("", "   \n"):
+        with pytest.raises(ParallelCompError, match="empty"):
+            pc.generate(context, "What?")
+    with pytest.raises(ParallelCompError, match="empty"):
+        pc.generate(doc, "  ")
+    with pytest.raises(ParallelCompError):
+        Calibration.parse("sink:6-3")
+
+
+def test_sampling_is_seeded(pc):
+    cfg = ParallelCompConfig(chunk_tokens=60, max_new_tokens=6, temperature=1.0, top_p=0.9, seed=11)
+    doc = document(120, seed=2)
+    a = pc.generate(doc, "Say something.", config=cfg).token_ids
+    b = pc.generate(doc, "Say something.", config=cfg).token_ids
+    assert a == b
