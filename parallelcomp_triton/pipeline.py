@@ -68,7 +68,12 @@ class ParallelComp:
     # ------------------------------------------------------------------ public API
     @torch.no_grad()
     def generate(self, context: str, question: str, max_new_tokens: int | None = None,
-                 config: ParallelCompConfig | None = None, progress: bool = False) -> GenerationResult:
+                 config: ParallelCompConfig | None = None, progress: bool = False,
+                 observer=None) -> GenerationResult:
+        """Answer `question` about `context`. `observer`, if given, is called with what the attention does:
+        ``observer.chunk_scores(layer, chunk, scores [context_len, H_kv], kept [H_kv, n] | None)`` for every
+        chunk and layer, and ``observer.calibration(layer, scores [S + m, H], mask [S + m, H])`` in calibrated
+        layers (see parallelcomp_triton.inspect)."""
         cfg = dataclasses.replace(config) if config is not None else ParallelCompConfig()
         if max_new_tokens is not None:
             cfg.max_new_tokens = max_new_tokens
@@ -103,15 +108,16 @@ class ParallelComp:
             toks = dataclasses.replace(toks, document=doc)
             spans = [(0, len(doc))]
             keep, budget, append_question = 1, None, False
-        result = self._run(cfg, toks, spans, keep, budget, append_question, stats, progress)
+        result = self._run(cfg, toks, spans, keep, budget, append_question, stats, progress, observer)
         stats["time_total_s"] = time.perf_counter() - t0
         stats["peak_memory_bytes"] = _peak_memory_bytes(self.device)
         return result
 
     # ------------------------------------------------------------------ stages
-    def _run(self, cfg, toks: PromptTokens, spans, keep, budget, append_question, stats, progress):
+    def _run(self, cfg, toks: PromptTokens, spans, keep, budget, append_question, stats, progress, observer):
         t = time.perf_counter()
-        prefix_kv, kept, alive_max = self._prefill(cfg, toks, spans, keep, budget, append_question, progress)
+        prefix_kv, kept, alive_max = self._prefill(cfg, toks, spans, keep, budget, append_question, progress,
+                                                   observer)
         stats["time_prefill_s"] = time.perf_counter() - t
         stats["chunk_spans"] = [list(s) for s in spans]
         stats["chunk_nll"] = [None] * len(spans)
@@ -131,7 +137,7 @@ class ParallelComp:
         stats["question_position"] = p0
 
         t = time.perf_counter()
-        logits = self._question_pass(cfg, cache, toks.suffix, p0, stats)
+        logits = self._question_pass(cfg, cache, toks.suffix, p0, stats, observer)
         stats["time_question_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -144,7 +150,7 @@ class ParallelComp:
         positions = {c.index: c.positions for c in kept if c.positions is not None}
         return GenerationResult(text=text, token_ids=out_ids, stats=stats, kept_positions=positions)
 
-    def _prefill(self, cfg, toks: PromptTokens, spans, keep, budget, append_question, progress):
+    def _prefill(self, cfg, toks: PromptTokens, spans, keep, budget, append_question, progress, observer):
         """Encode chunks `batch_chunks` at a time, packed varlen; keep the `keep` best compressed caches.
 
         Returns ((prefix keys, prefix values) per layer, kept chunks in document order, the largest number
@@ -163,7 +169,7 @@ class ParallelComp:
             from tqdm import tqdm
 
             bar = tqdm(total=len(spans), desc="chunks", unit="chunk", leave=False)
-        score_window = min(cfg.score_window, m) if (budget is not None and m) else 0
+        score_window = min(cfg.score_window, m) if ((budget is not None or observer is not None) and m) else 0
         for first in range(0, len(spans), cfg.batch_chunks):
             batch = list(range(first, min(first + cfg.batch_chunks, len(spans))))
             ids, pos, lens, ctx_rows, ctx_lens = [], [], [], [], []
@@ -198,6 +204,8 @@ class ParallelComp:
                     for cache, (a, b) in zip(caches, ctx_rows):
                         cache.keys.append(k[a:b].transpose(0, 1).contiguous())
                         cache.values.append(v[a:b].transpose(0, 1).contiguous())
+                        if observer is not None and scores is not None:
+                            observer.chunk_scores(layer, cache.index, scores[a:b], None)
                     return out
                 keep_idx, _ = select_kv(scores[ctx_index], ctx_cu, budget, pool_kernel=cfg.pool_kernel,
                                         backend=backend)
@@ -207,6 +215,9 @@ class ParallelComp:
                     cache.keys.append(k_c[i, :, :n].contiguous())
                     cache.values.append(v_c[i, :, :n].contiguous())
                     cache.positions.append(keep_idx[i, :, :n])
+                    if observer is not None:
+                        a, b = ctx_rows[i]
+                        observer.chunk_scores(layer, cache.index, scores[a:b], keep_idx[i, :, :n])
                 return out
 
             hidden = model(ids_t, pos_t, attend)
@@ -231,7 +242,8 @@ class ParallelComp:
         kept.sort(key=lambda c: c.index)
         return (prefix_k, prefix_v), kept, alive_max
 
-    def _question_pass(self, cfg, cache: CompressedKVCache, suffix: list[int], p0: int, stats) -> torch.Tensor:
+    def _question_pass(self, cfg, cache: CompressedKVCache, suffix: list[int], p0: int, stats,
+                       observer=None) -> torch.Tensor:
         """Re-encode the question over the merged cache; returns the last row's logits [1, vocab]."""
         model, device, backend = self.model, self.device, self.backend
         m, merged = len(suffix), cache.length
@@ -253,6 +265,8 @@ class ParallelComp:
                 key_mask = (scores / rows > cal.tau) & _region_mask(cal, merged, m, device)[:, None]
                 cache.set_key_mask(layer, key_mask)
                 masked_counts[layer] = key_mask.sum(dim=0).tolist()
+                if observer is not None:
+                    observer.calibration(layer, scores / rows, key_mask)
             out, _, _ = chunk_attention(q, k_all, v_all, cu_q, cu_k, causal=True, key_mask=key_mask,
                                         return_lse=False, backend=backend)
             return out
