@@ -19,5 +19,5 @@ setup(
         "gguf",
         "tqdm",
     ],
-    extras_require={"plot": ["matplotlib"], "test": ["pytest"]},
+    extras_require={"plot": ["matplotlib"], "eval": ["rouge-score", "rapidfuzz"], "test": ["pytest"]},
 )

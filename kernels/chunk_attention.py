@@ -82,7 +82,8 @@ def _key_ranges(first_row, end_row, seq_len_q, seq_len_k, CAUSAL: tl.constexpr, 
 def _scaled_scores(q, K, KeyMask, start_n, rows, seq_len_q, seq_len_k, qk_scale,
                    stride_kt, stride_kd, stride_mt,
                    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                   HAS_KEY_MASK: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr):
+                   HAS_KEY_MASK: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
     """s = q . k^T * sm_scale * log2(e) for one key tile, -inf where a key is invisible.
 
     K and KeyMask already point at this sequence's first key and this head. MASKED=False: the whole
@@ -96,7 +97,7 @@ def _scaled_scores(q, K, KeyMask, start_n, rows, seq_len_q, seq_len_k, qk_scale,
         k = tl.load(k_ptrs)
     if UPCAST:
         k = k.to(tl.float32)
-    s = tl.dot(q, k, input_precision="ieee") * qk_scale
+    s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
     if MASKED:
         visible = offs_n[None, :] < seq_len_k
         if CAUSAL:
@@ -117,13 +118,13 @@ def _online_softmax_sweep(acc, m_i, l_i, q, K, V, KeyMask, lo, hi, rows, seq_len
                           stride_kt, stride_kd, stride_vt, stride_vd, stride_mt,
                           HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                           HAS_KEY_MASK: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr,
-                          WITH_V: tl.constexpr):
+                          DOT_PRECISION: tl.constexpr, WITH_V: tl.constexpr):
     """FlashAttention-2 inner loop over key tiles [lo, hi); WITH_V=False only tracks (m, l)."""
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
         s = _scaled_scores(q, K, KeyMask, start_n, rows, seq_len_q, seq_len_k, qk_scale,
                            stride_kt, stride_kd, stride_mt,
-                           HEAD_DIM, BLOCK_N, CAUSAL, HAS_KEY_MASK, MASKED, UPCAST)
+                           HEAD_DIM, BLOCK_N, CAUSAL, HAS_KEY_MASK, MASKED, UPCAST, DOT_PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen no visible key yet keeps m = -inf; shift it by 0 so exp2 gives 0, not NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -140,17 +141,18 @@ def _online_softmax_sweep(acc, m_i, l_i, q, K, V, KeyMask, lo, hi, rows, seq_len
             if UPCAST:
                 v = v.to(tl.float32)
             acc = acc * alpha[:, None]
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, m_i, l_i
 
 
 @triton.jit
-def _attention_tile(Q, K, V, Out, Lse, KeyMask, q_start, seq_len_q, seq_len_k, head, tile_m, qk_scale,
+def _attention_tile(Q, K, V, Out, Lse, KeyMask, q_start, seq_len_q, seq_len_k, tile_m, qk_scale,
                     stride_qt, stride_qd, stride_kt, stride_kd, stride_vt, stride_vd,
                     stride_ot, stride_lt, stride_mt,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, UPCAST: tl.constexpr):
+                    CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, UPCAST: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
     start_m = tile_m * BLOCK_M
     if start_m < seq_len_q:
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -169,11 +171,11 @@ def _attention_tile(Q, K, V, Out, Lse, KeyMask, q_start, seq_len_q, seq_len_k, h
         acc, m_i, l_i = _online_softmax_sweep(acc, m_i, l_i, q, K, V, KeyMask, 0, full_end, offs_m,
                                               seq_len_q, seq_len_k, qk_scale,
                                               stride_kt, stride_kd, stride_vt, stride_vd, stride_mt,
-                                              HEAD_DIM, BLOCK_N, CAUSAL, HAS_KEY_MASK, False, UPCAST, True)
+                                              HEAD_DIM, BLOCK_N, CAUSAL, HAS_KEY_MASK, False, UPCAST, DOT_PRECISION, True)
         acc, m_i, l_i = _online_softmax_sweep(acc, m_i, l_i, q, K, V, KeyMask, full_end, hi, offs_m,
                                               seq_len_q, seq_len_k, qk_scale,
                                               stride_kt, stride_kd, stride_vt, stride_vd, stride_mt,
-                                              HEAD_DIM, BLOCK_N, CAUSAL, HAS_KEY_MASK, True, UPCAST, True)
+                                              HEAD_DIM, BLOCK_N, CAUSAL, HAS_KEY_MASK, True, UPCAST, DOT_PRECISION, True)
 
         # Rows with no visible key: l = 0 -> out 0, lse -inf (never 0/0).
         has_keys = l_i > 0.0
@@ -186,11 +188,12 @@ def _attention_tile(Q, K, V, Out, Lse, KeyMask, q_start, seq_len_q, seq_len_k, h
 
 
 @triton.jit
-def _window_scores(Q, K, KeyMask, Scores, q_start, k_start, seq_len_q, seq_len_k, head, window_program,
+def _window_scores(Q, K, KeyMask, Scores, q_start, seq_len_q, seq_len_k, window_program,
                    score_window, qk_scale, stride_qt, stride_qd, stride_kt, stride_kd, stride_mt,
                    stride_sw, stride_st,
                    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, W_BLOCK: tl.constexpr,
-                   CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, UPCAST: tl.constexpr):
+                   CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, UPCAST: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
     """Column sums of the exact softmax over window rows [Lq - w_b + window_program*W_BLOCK, +W_BLOCK)."""
     window_rows = tl.minimum(score_window, seq_len_q)
     rows_here = tl.maximum(tl.minimum(window_rows - window_program * W_BLOCK, W_BLOCK), 0)
@@ -214,15 +217,15 @@ def _window_scores(Q, K, KeyMask, Scores, q_start, k_start, seq_len_q, seq_len_k
     unused, m_i, l_i = _online_softmax_sweep(unused, m_i, l_i, q, K, K, KeyMask, 0, full_end, rows,
                                              seq_len_q, seq_len_k, qk_scale,
                                              stride_kt, stride_kd, stride_kt, stride_kd, stride_mt,
-                                             HEAD_DIM, BLOCK_N, CAUSAL, HAS_KEY_MASK, False, UPCAST, False)
+                                             HEAD_DIM, BLOCK_N, CAUSAL, HAS_KEY_MASK, False, UPCAST, DOT_PRECISION, False)
     unused, m_i, l_i = _online_softmax_sweep(unused, m_i, l_i, q, K, K, KeyMask, full_end, hi, rows,
                                              seq_len_q, seq_len_k, qk_scale,
                                              stride_kt, stride_kd, stride_kt, stride_kd, stride_mt,
-                                             HEAD_DIM, BLOCK_N, CAUSAL, HAS_KEY_MASK, True, UPCAST, False)
+                                             HEAD_DIM, BLOCK_N, CAUSAL, HAS_KEY_MASK, True, UPCAST, DOT_PRECISION, False)
 
     # Sweep 2: p = exp2(s - m) / l summed over the window rows, written for every key of the
-    # sequence (keys no window row sees get 0). Rows outside the window or without any visible key
-    # are forced to -inf before exp2 so nothing overflows.
+    # sequence (keys no window row sees get 0). Rows outside the window loaded q = 0, so their s is
+    # 0 (or -inf) and exp2(s - 0) * 0 = 0; a window row with no visible key has s = -inf everywhere.
     row_ok = row_valid & (l_i > 0.0)
     m_safe = tl.where(row_ok, m_i, 0.0)
     inv_l = tl.where(row_ok, 1.0 / tl.where(row_ok, l_i, 1.0), 0.0)
@@ -230,16 +233,14 @@ def _window_scores(Q, K, KeyMask, Scores, q_start, k_start, seq_len_q, seq_len_k
     for start_n in range(0, full_end, BLOCK_N):
         s = _scaled_scores(q, K, KeyMask, start_n, rows, seq_len_q, seq_len_k, qk_scale,
                            stride_kt, stride_kd, stride_mt,
-                           HEAD_DIM, BLOCK_N, CAUSAL, HAS_KEY_MASK, False, UPCAST)
-        s = tl.where(row_ok[:, None], s, float("-inf"))
+                           HEAD_DIM, BLOCK_N, CAUSAL, HAS_KEY_MASK, False, UPCAST, DOT_PRECISION)
         p = tl.math.exp2(s - m_safe[:, None]) * inv_l[:, None]
         offs_n = start_n + tl.arange(0, BLOCK_N)
         tl.store(score_ptrs + offs_n.to(tl.int64) * stride_st, tl.sum(p, 0))
     for start_n in range(full_end, seq_len_k, BLOCK_N):
         s = _scaled_scores(q, K, KeyMask, start_n, rows, seq_len_q, seq_len_k, qk_scale,
                            stride_kt, stride_kd, stride_mt,
-                           HEAD_DIM, BLOCK_N, CAUSAL, HAS_KEY_MASK, True, UPCAST)
-        s = tl.where(row_ok[:, None], s, float("-inf"))
+                           HEAD_DIM, BLOCK_N, CAUSAL, HAS_KEY_MASK, True, UPCAST, DOT_PRECISION)
         p = tl.math.exp2(s - m_safe[:, None]) * inv_l[:, None]
         offs_n = start_n + tl.arange(0, BLOCK_N)
         tl.store(score_ptrs + offs_n.to(tl.int64) * stride_st, tl.sum(p, 0), mask=offs_n < seq_len_k)
@@ -256,7 +257,7 @@ def _chunk_attention_fwd_kernel(
     stride_sw, stride_st,
     stride_mt, stride_mh,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, W_BLOCK: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, UPCAST: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     seq = tl.program_id(1)
@@ -276,25 +277,32 @@ def _chunk_attention_fwd_kernel(
 
     if pid < num_window_programs:
         Scores = Scores + k_start.to(tl.int64) * stride_st + head
-        _window_scores(Q, K, KeyMask, Scores, q_start, k_start, seq_len_q, seq_len_k, head, pid,
+        _window_scores(Q, K, KeyMask, Scores, q_start, seq_len_q, seq_len_k, pid,
                        score_window, qk_scale, stride_qt, stride_qd, stride_kt, stride_kd, stride_mt,
                        stride_sw, stride_st,
-                       HEAD_DIM, BLOCK_N, W_BLOCK, CAUSAL, HAS_KEY_MASK, UPCAST)
+                       HEAD_DIM, BLOCK_N, W_BLOCK, CAUSAL, HAS_KEY_MASK, UPCAST, DOT_PRECISION)
     else:
         Out = Out + head.to(tl.int64) * stride_oh
         Lse = Lse + head
-        _attention_tile(Q, K, V, Out, Lse, KeyMask, q_start, seq_len_q, seq_len_k, head,
-                        pid - num_window_programs, qk_scale,
+        _attention_tile(Q, K, V, Out, Lse, KeyMask, q_start, seq_len_q, seq_len_k, pid - num_window_programs,
+                        qk_scale,
                         stride_qt, stride_qd, stride_kt, stride_kd, stride_vt, stride_vd,
                         stride_ot, stride_lt, stride_mt,
-                        HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, HAS_KEY_MASK, UPCAST)
+                        HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, HAS_KEY_MASK, UPCAST, DOT_PRECISION)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs: 3xTF32 on tensor cores (about fp32 accuracy; "ieee" falls back to FMA dots that
+    spill heavily). fp16/bf16 ignore the setting. The interpreter always computes dots in full fp32."""
+    return "tf32x3" if dtype == torch.float32 else "ieee"
 
 
 def _launch_config(dtype: torch.dtype, head_dim: int) -> dict:
-    """Tiles that compile for sm_80 (163 KB shared) and sm_90 (227 KB) with no register spills at
-    num_warps 4 (checked with ptxas -v on the aot_specs kernels; 64x64 at d=128 spills on sm_80)."""
+    """Tiles that fit sm_80 (163 KB shared) and sm_90 (227 KB) at num_warps 4. fp16/bf16 at d <= 128
+    compile with no register spills on either (ptxas -v on the aot_specs kernels; 64x64 at d=128
+    spills on sm_80). fp32 (3xTF32 dots, not the model path) still spills: up to ~450 bytes."""
     if dtype == torch.float32:
-        block_m, block_n, num_stages = 64, (64 if head_dim <= 64 else 32), 2
+        block_m, block_n, num_stages = (64, 32, 2) if head_dim <= 64 else (32, 32, 2)
     elif head_dim <= 64:
         block_m, block_n, num_stages = 64, 64, 2
     elif head_dim <= 128:
@@ -333,11 +341,13 @@ def aot_specs(dtype: str, head_dim: int) -> list[dict]:
                 "stride_mt": "i32", "stride_mh": "i32",
                 "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "W_BLOCK": "constexpr",
                 "CAUSAL": "constexpr", "HAS_KEY_MASK": "constexpr", "UPCAST": "constexpr",
+                "DOT_PRECISION": "constexpr",
             }
             constexprs = {
                 "stride_qd": 1, "stride_kd": 1, "stride_vd": 1,
                 "HEAD_DIM": head_dim, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "W_BLOCK": cfg["W_BLOCK"],
                 "CAUSAL": causal, "HAS_KEY_MASK": has_key_mask, "UPCAST": False,
+                "DOT_PRECISION": _dot_precision(torch_dtype),
             }
             if has_key_mask:  # the wrapper passes the mask head-major: unit key stride
                 signature["stride_mt"] = "constexpr"
@@ -387,7 +397,7 @@ def _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, score_window, score_reduce,
         raise ValueError(f"chunk_attention: k {tuple(k.shape)} and v {tuple(v.shape)} shapes differ")
     if num_kv_heads == 0 or num_heads % num_kv_heads:
         raise ValueError(f"chunk_attention: query heads {num_heads} is not a multiple of KV heads {num_kv_heads}")
-    for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, total_q), ("cu_seqlens_k", cu_seqlens_k, total_k)):
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
             raise ValueError(f"chunk_attention: {name} must be a 1-D int32 tensor [B+1]")
         if cu.device != q.device:
@@ -399,7 +409,8 @@ def _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, score_window, score_reduce,
     bounds_k = cu_seqlens_k.tolist()
     for name, bounds, total in (("cu_seqlens_q", bounds_q, total_q), ("cu_seqlens_k", bounds_k, total_k)):
         if bounds[0] != 0 or bounds[-1] != total or any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
-            raise ValueError(f"chunk_attention: {name} must rise from 0 to {total} (tokens), got {bounds}")
+            shown = ", ".join(map(str, bounds[:8])) + (", ..." if len(bounds) > 8 else "")
+            raise ValueError(f"chunk_attention: {name} must rise from 0 to {total} (tokens), got [{shown}]")
     if not isinstance(score_window, int) or isinstance(score_window, bool) or score_window < 0:
         raise ValueError(f"chunk_attention: score_window must be an int >= 0, got {score_window!r}")
     if score_reduce not in SCORE_REDUCTIONS:
@@ -435,7 +446,7 @@ def _reduce_scores(per_head: torch.Tensor, num_kv_heads: int, score_reduce: str)
 def chunk_attention_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, *, sm_scale=None, causal=True, score_window=0,
                            score_reduce="sum", key_mask=None, return_lse=True):
     """Triton path (CUDA, or CPU under TRITON_INTERPRET=1). Always returns lse (return_lse is ignored)."""
-    bounds_q, bounds_k, group = _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, score_window, score_reduce, key_mask)
+    bounds_q, _, group = _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, score_window, score_reduce, key_mask)
     total_q, num_heads, head_dim = q.shape
     total_k, num_kv_heads, _ = k.shape
     _check_head_dim_for_triton(head_dim)
@@ -476,6 +487,7 @@ def chunk_attention_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, *, sm_scale=None
             stride_mt, stride_mh,
             HEAD_DIM=head_dim, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], W_BLOCK=cfg["W_BLOCK"],
             CAUSAL=bool(causal), HAS_KEY_MASK=key_mask is not None, UPCAST=interpret,
+            DOT_PRECISION=_dot_precision(q.dtype),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
 
@@ -612,7 +624,7 @@ def chunk_attention_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, *, sm_scale=None,
                           score_reduce="sum", key_mask=None, return_lse=True):
     """PyTorch path (any device; tuned for CPU): SDPA per sequence, fp32 window scores.
     lse is None when return_lse=False."""
-    bounds_q, bounds_k, group = _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, score_window, score_reduce, key_mask)
+    bounds_q, bounds_k, _ = _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, score_window, score_reduce, key_mask)
     total_q, num_heads, head_dim = q.shape
     total_k, num_kv_heads, _ = k.shape
     scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)

@@ -2,8 +2,10 @@
 
     python -m parallelcomp_triton.eval passkey --lengths 4000,16000 --depths 0.1,0.3,0.5,0.7,0.9
     python -m parallelcomp_triton.eval niah --lengths 16000 --mode full --json results/niah.json
+    python -m parallelcomp_triton.eval longbench --data hotpotqa.jsonl --limit 20 --json results/lb.json
 
-A case counts as correct when the expected key appears in the generated text.
+A passkey or niah case counts as correct when the expected key appears in the generated text; longbench
+scores LongBench-format JSONL with LongBench's metrics (see parallelcomp_triton.longbench).
 """
 from __future__ import annotations
 
@@ -53,8 +55,14 @@ def format_table(result: dict) -> str:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "longbench":  # its own options: --data, --dataset, --limit, ...
+        from .longbench import main as longbench_main
+
+        return longbench_main(argv[1:])
     p = _Parser(prog="python -m parallelcomp_triton.eval", description=__doc__.split("\n")[0])
-    p.add_argument("task", choices=sorted(TASKS))
+    p.add_argument("task", choices=sorted(TASKS) + ["longbench"],
+                   help="longbench takes its own options (python -m parallelcomp_triton.eval longbench --help)")
     p.add_argument("--lengths", default="16000", help="comma-separated document lengths in tokens")
     p.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
     p.add_argument("--question", default="cue", help="'natural', 'cue' or a literal question")
@@ -71,6 +79,10 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the full result to this file")
     args = p.parse_args(argv)
+    if args.task == "longbench":  # options came before the subcommand
+        print("error: longbench must come first: python -m parallelcomp_triton.eval longbench --data FILE ...",
+              file=sys.stderr)
+        return 2
     try:
         lengths = [int(x) for x in args.lengths.split(",") if x]
         depths = [float(x) for x in args.depths.split(",") if x]
