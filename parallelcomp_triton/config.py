@@ -58,7 +58,8 @@ class ParallelCompConfig:
     # Prompt: the template holds {context} and {question}; what precedes {context} is the shared prefix
     # encoded once, what follows it (with the question filled in) is appended to every chunk.
     template: str = "plain"
-    prompt: str | None = None  # overrides `template` when given
+    instruction: str = ""  # task text placed before the document, inside the shared prefix
+    prompt: str | None = None  # a full template; overrides `template` and `instruction` when given
     # Chunking. chunk_tokens None: as large as the trained window allows after prefix, question and answer.
     chunk_tokens: int | None = None
     window: int | None = None  # trained window; None: the model's max_position_embeddings

@@ -30,7 +30,8 @@ def evaluate(pc, task: str, lengths, depths, config: ParallelCompConfig, questio
         for depth in depths:
             case = make(pc.tokenizer, n, depth=depth, seed=seed, question=question)
             t = time.perf_counter()
-            res = pc.generate(case.context, case.question, config=config)
+            cfg = config if config.instruction else dataclasses.replace(config, instruction=case.instruction)
+            res = pc.generate(case.context, case.question, config=cfg)
             ok = case.answer in res.text
             row = {"tokens": case.tokens, "target_tokens": n, "depth": depth, "answer": case.answer,
                    "output": res.text, "correct": ok, "seconds": round(time.perf_counter() - t, 2),

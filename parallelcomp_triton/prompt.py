@@ -15,14 +15,17 @@ PLAIN_TEMPLATE = "{context}\n\n{question}"
 _CHAT_USER = "{context}\n\n{question}"
 
 
-def resolve_template(tokenizer, template: str, prompt: str | None) -> str:
+def resolve_template(tokenizer, template: str, prompt: str | None, instruction: str = "") -> str:
+    """The template text with {context} and {question}; `instruction` goes before the document."""
     if prompt is not None:
         return prompt
+    # Braces in the instruction are literal text, not placeholders.
+    instruction = instruction.replace("{context}", "{ context }").replace("{question}", "{ question }")
     if template == "plain":
-        return PLAIN_TEMPLATE
+        return instruction + PLAIN_TEMPLATE
     if not getattr(tokenizer, "chat_template", None):
         raise ParallelCompError("template 'chat': the model's tokenizer has no chat template")
-    return tokenizer.apply_chat_template([{"role": "user", "content": _CHAT_USER}], tokenize=False,
+    return tokenizer.apply_chat_template([{"role": "user", "content": instruction + _CHAT_USER}], tokenize=False,
                                          add_generation_prompt=True)
 
 

@@ -10,6 +10,10 @@ from functools import lru_cache
 from .errors import ParallelCompError
 
 PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+PASSKEY_INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+                       "I will quiz you about the important information there.\n\n")
+NIAH_INSTRUCTION = ("Some special magic numbers are hidden within the following text. Make sure to memorize them. "
+                    "I will quiz you about the numbers afterwards.\n\n")
 PASSKEY_QUESTIONS = {
     "natural": "What is the pass key?",
     "cue": "What is the pass key? The pass key is",
@@ -29,6 +33,7 @@ class RetrievalCase:
     answer: str
     tokens: int  # document tokens
     depth: float
+    instruction: str = ""  # the task's instruction, for ParallelCompConfig.instruction
 
 
 def passkey_case(tokenizer, tokens: int, depth: float = 0.5, seed: int = 0,
@@ -42,7 +47,7 @@ def passkey_case(tokenizer, tokens: int, depth: float = 0.5, seed: int = 0,
     at = round(n_fill * depth)
     text = PASSKEY_FILLER * at + needle + PASSKEY_FILLER * (n_fill - at)
     n = len(tokenizer.encode(text, add_special_tokens=False))
-    return RetrievalCase(text, PASSKEY_QUESTIONS.get(question, question), key, n, depth)
+    return RetrievalCase(text, PASSKEY_QUESTIONS.get(question, question), key, n, depth, PASSKEY_INSTRUCTION)
 
 
 def essays_dir() -> str:
@@ -73,4 +78,4 @@ def niah_case(tokenizer, tokens: int, depth: float = 0.5, seed: int = 0, questio
     at = round(n * depth)
     text = tokenizer.decode(hay[:at] + needle + hay[at:])
     q = NIAH_QUESTIONS.get(question, question).format(city=city)
-    return RetrievalCase(text, q, key, n + len(needle), depth)
+    return RetrievalCase(text, q, key, n + len(needle), depth, NIAH_INSTRUCTION)
