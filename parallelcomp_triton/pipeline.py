@@ -1,7 +1,14 @@
 """ParallelComp end to end: parallel chunk prefill with KV eviction, chunk eviction by question NLL,
-merge, question pass (with optional attention-bias calibration) and decoding on the compressed cache."""
+merge, question pass (with optional attention-bias calibration) and decoding on the compressed cache.
+
+`generate` answers one (document, question) pair; `generate_batch` answers many with one code path:
+the chunks of all documents are packed into the same varlen prefill batches, every document keeps its own
+K best chunks, the question is re-encoded per document, and all sequences decode together over one
+batched cache with per-row lengths (a finished sequence leaves the batch). `generate` is `generate_batch`
+of one document."""
 from __future__ import annotations
 
+import collections
 import dataclasses
 import resource
 import time
@@ -20,6 +27,7 @@ from .kernels.select_kv import gather_kv, select_kv
 from .loading import load_model, parse_dtype, resolve_model_dir
 from .prompt import PromptTokens, resolve_template, split_even, tokenize_prompt, truncate_middle
 
+
 @dataclass
 class GenerationResult:
     text: str
@@ -27,6 +35,27 @@ class GenerationResult:
     stats: dict = field(default_factory=dict)
     # chunk index -> per layer [H_kv, n] kept chunk-local context positions (KV eviction only).
     kept_positions: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+
+
+@dataclass
+class Document:
+    """One (context, question) pair tokenized and cut into chunks, plus what its prefill produces."""
+
+    toks: PromptTokens
+    spans: list[tuple[int, int]]     # document-token spans of the chunks
+    keep: int                        # K: chunks kept after chunk eviction
+    budget: int | None               # B: KV tokens kept per chunk, layer and KV head (None: all)
+    append_question: bool            # parallelcomp mode: every chunk is encoded with the question after it
+    capacity: int                    # merged-cache positions this document can need (upper bound)
+    stats: dict
+    t0: float
+    # Filled by the prefill: the shared prefix KV per layer [H_kv, p, d], the K best chunk caches (document
+    # order once the prefill is done), every chunk's question NLL, the most chunk caches alive at once.
+    prefix_keys: list[torch.Tensor | None] = field(default_factory=list)
+    prefix_values: list[torch.Tensor | None] = field(default_factory=list)
+    kept: list[ChunkCache] = field(default_factory=list)
+    nll: list[float | None] = field(default_factory=list)
+    alive_max: int = 0
 
 
 def _peak_memory_bytes(device: torch.device) -> int:
@@ -74,17 +103,62 @@ class ParallelComp:
         ``observer.chunk_scores(layer, chunk, scores [context_len, H_kv], kept [H_kv, n] | None)`` for every
         chunk and layer, and ``observer.calibration(layer, scores [S + m, H], mask [S + m, H])`` in calibrated
         layers (see parallelcomp_triton.inspect)."""
+        cfg = self.resolve_config(config, max_new_tokens)
+        doc = self.prepare(cfg, context, question)
+        return self._generate_documents(cfg, [doc], progress, observer)[0]
+
+    @torch.no_grad()
+    def generate_batch(self, pairs, max_new_tokens: int | None = None, config: ParallelCompConfig | None = None,
+                       progress: bool = False, return_errors: bool = False) -> list:
+        """Answer many (context, question) pairs together; result i equals ``generate(*pairs[i])``.
+
+        Chunks of all documents share the varlen prefill batches (`batch_chunks` chunks each, across
+        documents); each document keeps its own K best chunks; decoding runs every sequence in one batch.
+        A bad pair raises ParallelCompError naming its index, or with `return_errors` takes a
+        ParallelCompError in its slot while the other pairs are answered."""
+        cfg = self.resolve_config(config, max_new_tokens)
+        prepared = self.prepare_all(cfg, pairs, return_errors)
+        docs = [d for d in prepared if isinstance(d, Document)]
+        answers = iter(self._generate_documents(cfg, docs, progress, None) if docs else [])
+        return [next(answers) if isinstance(d, Document) else d for d in prepared]
+
+    # ------------------------------------------------------------------ preparation
+    def resolve_config(self, config: ParallelCompConfig | None, max_new_tokens: int | None) -> ParallelCompConfig:
+        """A checked copy of `config` (defaults if None) with `max_new_tokens` applied."""
         cfg = dataclasses.replace(config) if config is not None else ParallelCompConfig()
         if max_new_tokens is not None:
             cfg.max_new_tokens = max_new_tokens
         cfg.check()
         if cfg.calibration is not None:
             cfg.calibration.check(self.args.num_layers)
-        if question is None or not question.strip():
+        return cfg
+
+    def prepare_all(self, cfg: ParallelCompConfig, pairs, return_errors: bool = False) -> list:
+        """`prepare` every (context, question) pair: a Document each, or with `return_errors` the
+        ParallelCompError of a bad pair in its slot; otherwise the first bad pair raises, naming its index."""
+        prepared: list = []
+        for i, pair in enumerate(pairs):
+            try:
+                try:
+                    context, question = pair
+                except (TypeError, ValueError):
+                    raise ParallelCompError("expected a (context, question) pair") from None
+                prepared.append(self.prepare(cfg, context, question))
+            except ParallelCompError as e:
+                if not return_errors:
+                    raise ParallelCompError(f"pair {i}: {e}" if len(pairs) > 1 else str(e)) from None
+                prepared.append(e)
+        return prepared
+
+    def prepare(self, cfg: ParallelCompConfig, context: str, question: str) -> Document:
+        """Tokenize one pair and cut it into chunks; every input check that needs no model pass is here."""
+        if question is None or (isinstance(question, str) and not question.strip()):
             raise ParallelCompError("the question is empty")
+        if not isinstance(question, str) or not isinstance(context, (str, type(None))):
+            raise ParallelCompError("the context and the question must be strings")
         stats: dict = {"mode": cfg.mode}
         t0 = time.perf_counter()
-        template = resolve_template(self.tokenizer, cfg.template, cfg.prompt)
+        template = resolve_template(self.tokenizer, cfg.template, cfg.prompt, cfg.instruction)
         toks = tokenize_prompt(self.tokenizer, template, context, question)
         window = cfg.window or self.args.max_position_embeddings
         fixed = len(toks.prefix) + len(toks.suffix) + cfg.max_new_tokens
@@ -94,7 +168,6 @@ class ParallelComp:
         room = window - fixed
         stats["document_tokens"] = len(toks.document)
         stats["prefix_tokens"], stats["question_tokens"] = len(toks.prefix), len(toks.suffix)
-        stats["time_tokenize_s"] = time.perf_counter() - t0
 
         if cfg.mode == "parallelcomp":
             chunk_tokens = cfg.chunk_tokens or room
@@ -108,98 +181,141 @@ class ParallelComp:
             toks = dataclasses.replace(toks, document=doc)
             spans = [(0, len(doc))]
             keep, budget, append_question = 1, None, False
-        result = self._run(cfg, toks, spans, keep, budget, append_question, stats, progress, observer)
-        stats["time_total_s"] = time.perf_counter() - t0
-        stats["peak_memory_bytes"] = _peak_memory_bytes(self.device)
-        return result
+        # The merged cache holds the prefix, the K longest kept chunks at most, the question and the answer.
+        kept_lens = sorted(min(budget, e - s) if budget is not None else e - s for s, e in spans)[-keep:]
+        capacity = len(toks.prefix) + sum(kept_lens) + len(toks.suffix) + cfg.max_new_tokens
+        stats["time_tokenize_s"] = time.perf_counter() - t0
+        layers = self.args.num_layers
+        return Document(toks=toks, spans=spans, keep=keep, budget=budget, append_question=append_question,
+                        capacity=capacity, stats=stats, t0=t0, prefix_keys=[None] * layers,
+                        prefix_values=[None] * layers, nll=[None] * len(spans))
 
     # ------------------------------------------------------------------ stages
-    def _run(self, cfg, toks: PromptTokens, spans, keep, budget, append_question, stats, progress, observer):
+    def _generate_documents(self, cfg, docs: list[Document], progress, observer) -> list[GenerationResult]:
+        cache = self.new_cache(docs)
         t = time.perf_counter()
-        prefix_kv, kept, alive_max = self._prefill(cfg, toks, spans, keep, budget, append_question, progress,
-                                                   observer)
-        stats["time_prefill_s"] = time.perf_counter() - t
-        stats["chunk_spans"] = [list(s) for s in spans]
-        stats["chunk_nll"] = [None] * len(spans)
-        for c in kept:
-            stats["chunk_nll"][c.index] = c.nll
-        stats["chunk_nll_all"] = self._last_nll
-        stats["kept_chunks"] = [c.index for c in kept]
-        stats["max_alive_chunk_caches"] = alive_max
-        stats["kv_tokens_per_layer_before"] = len(toks.prefix) + sum(e - s for s, e in spans)
-        prefix_len = len(toks.prefix)
-        cache = CompressedKVCache.merge(prefix_kv[0] if prefix_len else None, prefix_kv[1] if prefix_len else None,
-                                        kept, self.args.num_heads, len(toks.suffix) + cfg.max_new_tokens)
-        stats["kv_tokens_per_layer_after"] = cache.length
-        stats["kv_cache_bytes"] = cache.nbytes()
-        # The question sits right after the longest kept chunk in the shared position range.
-        p0 = prefix_len + max(c.context_len for c in kept)
-        stats["question_position"] = p0
+        work = [(d, c) for d, doc in enumerate(docs) for c in range(len(doc.spans))]
+        # A document's kept chunks go into its cache row as soon as its last chunk is scored, so at most
+        # K chunk caches per document in flight plus one prefill batch are alive besides the merged cache.
+        self.prefill(cfg, docs, work, progress, observer,
+                     on_document_done=lambda d, doc: self.merge_document(cache, d, doc))
+        prefill_s = time.perf_counter() - t
+        for doc in docs:
+            doc.stats["time_prefill_s"] = prefill_s
+        return self.answer(cfg, docs, cache, observer)
+
+    def new_cache(self, docs: list[Document]) -> CompressedKVCache:
+        """An empty batched cache with one row per document, as long as the longest needs."""
+        a = self.args
+        weight = self.model.embed_tokens.weight
+        return CompressedKVCache(a.num_layers, len(docs), a.num_kv_heads, a.num_heads, a.head_dim,
+                                 max(doc.capacity for doc in docs), weight.dtype, weight.device)
+
+    @staticmethod
+    def merge_document(cache: CompressedKVCache, row: int, doc: Document) -> None:
+        """Copy the document's prefix and kept chunks (document order) into its cache row, then free them."""
+        doc.kept.sort(key=lambda c: c.index)
+        has_prefix = bool(doc.toks.prefix)
+        cache.fill_row(row, doc.prefix_keys if has_prefix else None, doc.prefix_values if has_prefix else None,
+                       doc.kept)
+        for c in doc.kept:
+            c.release_kv()
+        doc.prefix_keys = doc.prefix_values = []
+
+    def answer(self, cfg, docs: list[Document], cache: CompressedKVCache, observer=None) -> list[GenerationResult]:
+        """Question pass per document over its merged row, then batched decoding; one result per document."""
+        logits, positions = [], []
+        for row, doc in enumerate(docs):
+            st, spans, prefix_len = doc.stats, doc.spans, len(doc.toks.prefix)
+            st["batch_documents"] = len(docs)
+            st["chunk_spans"] = [list(s) for s in spans]
+            st["chunk_nll"] = [None] * len(spans)
+            for c in doc.kept:
+                st["chunk_nll"][c.index] = c.nll
+            st["chunk_nll_all"] = list(doc.nll)
+            st["kept_chunks"] = [c.index for c in doc.kept]
+            st["max_alive_chunk_caches"] = doc.alive_max
+            st["kv_tokens_per_layer_before"] = prefix_len + sum(e - s for s, e in spans)
+            st["kv_tokens_per_layer_after"] = cache.lengths[row]
+            st["kv_cache_bytes"] = cache.nbytes(row)
+            # The question sits right after the longest kept chunk in the shared position range.
+            p0 = prefix_len + max(c.context_len for c in doc.kept)
+            st["question_position"] = p0
+            t = time.perf_counter()
+            logits.append(self._question_pass(cfg, cache, row, doc.toks.suffix, p0, st, observer))
+            st["time_question_s"] = time.perf_counter() - t
+            positions.append(p0 + len(doc.toks.suffix))
 
         t = time.perf_counter()
-        logits = self._question_pass(cfg, cache, toks.suffix, p0, stats, observer)
-        stats["time_question_s"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        out_ids = self._decode(cfg, cache, logits, p0 + len(toks.suffix))
+        outs, steps = self._decode(cfg, cache, torch.cat(logits), positions)
         dt = time.perf_counter() - t
-        stats["time_decode_s"] = dt
-        stats["new_tokens"] = len(out_ids)
-        stats["decode_ms_per_token"] = 1000 * dt / max(1, len(out_ids) - 1) if len(out_ids) > 1 else 0.0
-        text = self.tokenizer.decode(out_ids, skip_special_tokens=True)
-        positions = {c.index: c.positions for c in kept if c.positions is not None}
-        return GenerationResult(text=text, token_ids=out_ids, stats=stats, kept_positions=positions)
+        results = []
+        for doc, out_ids in zip(docs, outs):
+            st = doc.stats
+            st["time_decode_s"] = dt
+            st["new_tokens"] = len(out_ids)
+            st["decode_steps"] = steps
+            st["decode_ms_per_token"] = 1000 * dt / steps if steps else 0.0
+            st["time_total_s"] = time.perf_counter() - doc.t0
+            st["peak_memory_bytes"] = _peak_memory_bytes(self.device)
+            text = self.tokenizer.decode(out_ids, skip_special_tokens=True)
+            positions = {c.index: c.positions for c in doc.kept if c.positions is not None}
+            results.append(GenerationResult(text=text, token_ids=out_ids, stats=st, kept_positions=positions))
+        return results
 
-    def _prefill(self, cfg, toks: PromptTokens, spans, keep, budget, append_question, progress, observer):
-        """Encode chunks `batch_chunks` at a time, packed varlen; keep the `keep` best compressed caches.
+    def prefill(self, cfg, docs: list[Document], work: list[tuple[int, int]], progress=False, observer=None,
+                on_document_done=None) -> None:
+        """Encode the chunks `work` = [(document, chunk)] `batch_chunks` at a time, packed varlen across
+        documents; keep each document's `keep` best compressed caches in `docs[d].kept`.
 
-        Returns ((prefix keys, prefix values) per layer, kept chunks in document order, the largest number
-        of chunk caches alive at once)."""
+        `on_document_done(d, doc)` runs once all of document d's chunks in `work` are scored."""
         model, device, backend = self.model, self.device, self.backend
-        prefix, suffix = toks.prefix, (toks.suffix if append_question else [])
-        p_len, m = len(prefix), len(suffix)
-        num_layers = self.args.num_layers
-        prefix_k: list[torch.Tensor | None] = [None] * num_layers
-        prefix_v: list[torch.Tensor | None] = [None] * num_layers
-        kept: list[ChunkCache] = []
-        alive_max = 0
-        self._last_nll = [None] * len(spans)
+        # One config for every document: budget and mode are shared.
+        budget, append_question = docs[0].budget, docs[0].append_question
+        need_scores = budget is not None or observer is not None
+        remaining = collections.Counter(d for d, _ in work)
         bar = None
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(spans), desc="chunks", unit="chunk", leave=False)
-        score_window = min(cfg.score_window, m) if ((budget is not None or observer is not None) and m) else 0
-        for first in range(0, len(spans), cfg.batch_chunks):
-            batch = list(range(first, min(first + cfg.batch_chunks, len(spans))))
-            ids, pos, lens, ctx_rows, ctx_lens = [], [], [], [], []
+            bar = tqdm(total=len(work), desc="chunks", unit="chunk", leave=False)
+        for first in range(0, len(work), cfg.batch_chunks):
+            batch = work[first:first + cfg.batch_chunks]
+            ids, pos, lens, ctx_rows, windows, suffixes = [], [], [], [], [], []
+            caches: list[ChunkCache] = []
+            prefix_rows: dict[int, int] = {}  # document -> first row of its prefix, while its prefix KV is unset
             start = 0
-            for c in batch:
-                s, e = spans[c]
-                seq = prefix + toks.document[s:e] + suffix
+            for d, c in batch:
+                doc = docs[d]
+                prefix, (s, e) = doc.toks.prefix, doc.spans[c]
+                suffix = doc.toks.suffix if append_question else []
+                seq = prefix + doc.toks.document[s:e] + suffix
                 ids.extend(seq)
                 pos.extend(range(len(seq)))
                 lens.append(len(seq))
-                ctx_rows.append((start + p_len, start + p_len + (e - s)))
-                ctx_lens.append(e - s)
+                ctx_rows.append((start + len(prefix), start + len(prefix) + (e - s)))
+                windows.append(min(cfg.score_window, len(suffix)) if need_scores else 0)
+                suffixes.append(suffix)
+                if prefix and doc.prefix_keys[0] is None and d not in prefix_rows:
+                    prefix_rows[d] = start
+                caches.append(ChunkCache(index=c, context_len=e - s, positions=[] if budget is not None else None))
                 start += len(seq)
             ids_t = torch.tensor(ids, dtype=torch.long, device=device)
             pos_t = torch.tensor(pos, dtype=torch.long, device=device)
-            cu = torch.tensor([0] + list(_cumsum(lens)), dtype=torch.int32, device=device)
-            caches = [ChunkCache(index=c, context_len=ctx_lens[i], positions=[] if budget is not None else None)
-                      for i, c in enumerate(batch)]
+            runs = _window_runs(lens, windows, device)
+            ctx_lens = [b - a for a, b in ctx_rows]
             # Context rows of every chunk, packed: what KV eviction chooses from (prefix and question excluded).
             ctx_index = torch.cat([torch.arange(a, b, device=device) for a, b in ctx_rows])
             ctx_cu = torch.tensor([0] + list(_cumsum(ctx_lens)), dtype=torch.int32, device=device)
             kept_lens = [min(budget, n) for n in ctx_lens] if budget is not None else ctx_lens
 
             def attend(layer, q, k, v):
-                out, _, scores = chunk_attention(q, k, v, cu, cu, causal=True, score_window=score_window,
-                                                 score_reduce=cfg.gqa_reduce, return_lse=False, backend=backend)
-                if p_len and prefix_k[layer] is None:
+                out, scores = _packed_chunk_attention(q, k, v, runs, cfg.gqa_reduce, backend)
+                for d, row in prefix_rows.items():
                     # The prefix sees only itself: its KV is the same in every chunk, so one copy serves all.
-                    prefix_k[layer] = k[:p_len].transpose(0, 1).contiguous()
-                    prefix_v[layer] = v[:p_len].transpose(0, 1).contiguous()
+                    p_len = len(docs[d].toks.prefix)
+                    docs[d].prefix_keys[layer] = k[row:row + p_len].transpose(0, 1).contiguous()
+                    docs[d].prefix_values[layer] = v[row:row + p_len].transpose(0, 1).contiguous()
                 if budget is None:
                     for cache, (a, b) in zip(caches, ctx_rows):
                         cache.keys.append(k[a:b].transpose(0, 1).contiguous())
@@ -223,30 +339,42 @@ class ParallelComp:
             hidden = model(ids_t, pos_t, attend)
             if append_question:
                 # Question NLL given the chunk, from the few rows that predict the question tokens.
-                rows = torch.cat([torch.arange(b - 1, b - 1 + m, device=device) for _, b in ctx_rows])
-                logits = model.lm_head_rows(hidden[rows]).view(len(batch), m, -1)
-                target = torch.tensor(suffix, device=device).expand(len(batch), m)
-                nll = F.cross_entropy(logits.transpose(1, 2), target, reduction="none").mean(dim=1)
+                rows = torch.cat([torch.arange(b - 1, b - 1 + len(sfx), device=device)
+                                  for (_, b), sfx in zip(ctx_rows, suffixes)])
+                target = torch.tensor([t for sfx in suffixes for t in sfx], dtype=torch.long, device=device)
+                losses = F.cross_entropy(model.lm_head_rows(hidden[rows]), target, reduction="none")
+                nll = torch.stack([part.mean() for part in losses.split([len(sfx) for sfx in suffixes])])
                 for cache, value in zip(caches, nll.tolist()):
                     cache.nll = value
-                    self._last_nll[cache.index] = value
             del hidden
-            alive_max = max(alive_max, len(kept) + len(caches))
-            # Chunk eviction: the K lowest NLL survive (ties: earlier chunk); the rest are freed now.
-            kept = sorted(kept + caches, key=lambda c: (_nan_last(c.nll), c.index))[:keep]
+            # Chunk eviction, per document: the K lowest NLL survive (ties: earlier chunk); the rest are freed.
+            new_by_doc: dict[int, list[ChunkCache]] = collections.defaultdict(list)
+            for (d, _), cache in zip(batch, caches):
+                new_by_doc[d].append(cache)
             del caches
+            for d, new in new_by_doc.items():
+                doc = docs[d]
+                if append_question:
+                    for cache in new:
+                        doc.nll[cache.index] = cache.nll
+                doc.alive_max = max(doc.alive_max, len(doc.kept) + len(new))
+                doc.kept = sorted(doc.kept + new, key=lambda c: (_nan_last(c.nll), c.index))[:doc.keep]
+                remaining[d] -= len(new)
+                if remaining[d] == 0:
+                    doc.kept.sort(key=lambda c: c.index)
+                    if on_document_done is not None:
+                        on_document_done(d, doc)
+            del new_by_doc
             if bar is not None:
                 bar.update(len(batch))
         if bar is not None:
             bar.close()
-        kept.sort(key=lambda c: c.index)
-        return (prefix_k, prefix_v), kept, alive_max
 
-    def _question_pass(self, cfg, cache: CompressedKVCache, suffix: list[int], p0: int, stats,
+    def _question_pass(self, cfg, cache: CompressedKVCache, row: int, suffix: list[int], p0: int, stats,
                        observer=None) -> torch.Tensor:
-        """Re-encode the question over the merged cache; returns the last row's logits [1, vocab]."""
+        """Re-encode the question over cache row `row`; returns the last row's logits [1, vocab]."""
         model, device, backend = self.model, self.device, self.backend
-        m, merged = len(suffix), cache.length
+        m, merged = len(suffix), cache.lengths[row]
         ids = torch.tensor(suffix, dtype=torch.long, device=device)
         pos = torch.arange(p0, p0 + m, device=device)
         cu_q = torch.tensor([0, m], dtype=torch.int32, device=device)
@@ -255,15 +383,15 @@ class ParallelComp:
         masked_counts = {}
 
         def attend(layer, q, k, v):
-            cache.append(layer, merged, k, v)
-            k_all, v_all = cache.packed_view(layer, merged + m)
+            cache.append(layer, row, merged, k, v)
+            k_all, v_all = cache.packed_view(layer, row, merged + m)
             key_mask = None
             if cal is not None and cal.first_layer <= layer <= cal.last_layer:
                 rows = min(cal.rows, m)
                 _, _, scores = chunk_attention(q, k_all, v_all, cu_q, cu_k, causal=True, score_window=rows,
                                                score_reduce="none", return_lse=False, backend=backend)
                 key_mask = (scores / rows > cal.tau) & _region_mask(cal, merged, m, device)[:, None]
-                cache.set_key_mask(layer, key_mask)
+                cache.set_key_mask(layer, row, key_mask)
                 masked_counts[layer] = key_mask.sum(dim=0).tolist()
                 if observer is not None:
                     observer.calibration(layer, scores / rows, key_mask)
@@ -272,40 +400,100 @@ class ParallelComp:
             return out
 
         hidden = model(ids, pos, attend)
-        cache.length = merged + m
+        cache.lengths[row] = merged + m
         if cal is not None:
             stats["calibration_masked_per_head"] = masked_counts
         return model.lm_head_rows(hidden[-1:])
 
-    def _decode(self, cfg, cache: CompressedKVCache, logits: torch.Tensor, position: int) -> list[int]:
+    def _decode(self, cfg, cache: CompressedKVCache, logits: torch.Tensor,
+                positions: list[int]) -> tuple[list[list[int]], int]:
+        """Decode every row of `cache` together from `logits` [B, vocab], row b's next token at position
+        positions[b]. Returns (tokens per row, EOS stripped; decode steps run).
+
+        A sequence that ends (EOS or max_new_tokens) leaves the batch at once: its cache row is compacted
+        away (CompressedKVCache.keep_rows), so later steps spend no linear-layer, attention or logit work on it.
+        Sampling uses one generator per sequence, seeded alike, so each row draws what it would alone."""
         model, device, backend = self.model, self.device, self.backend
-        generator = None
+        batch = cache.batch
+        generators = None
         if cfg.temperature > 0:
-            generator = torch.Generator(device=device)
-            generator.manual_seed(cfg.seed if cfg.seed is not None else 0)
+            generators = []
+            for _ in range(batch):
+                generators.append(torch.Generator(device=device))
+                generators[-1].manual_seed(cfg.seed if cfg.seed is not None else 0)
         eos = self.eos_ids()
-        out: list[int] = []
-        cache_lens = torch.zeros(1, dtype=torch.int32, device=device)
+        outs: list[list[int]] = [[] for _ in range(batch)]
+        seqs = list(range(batch))  # cache row i decodes sequence seqs[i]
+        rows = torch.arange(batch, device=device)
+        at = torch.tensor(cache.lengths, dtype=torch.long, device=device)  # where each row's next K/V goes
+        pos = torch.tensor(positions, dtype=torch.long, device=device)
+        steps = 0
         while True:
-            token = int(sample_next(logits, cfg.temperature, cfg.top_p, generator)[0])
-            out.append(token)
-            if token in eos or len(out) >= cfg.max_new_tokens:
+            if generators is None:
+                tokens = logits.argmax(dim=-1).tolist()
+            else:
+                tokens = [int(sample_next(logits[i:i + 1], cfg.temperature, cfg.top_p, generators[s])[0])
+                          for i, s in enumerate(seqs)]
+            alive = []
+            for i, (s, token) in enumerate(zip(seqs, tokens)):
+                outs[s].append(token)
+                if token not in eos and len(outs[s]) < cfg.max_new_tokens:
+                    alive.append(i)
+            if not alive:
                 break
-            at = cache.length
-            cache_lens.fill_(at + 1)
+            if len(alive) < len(seqs):
+                cache.keep_rows(alive)
+                index = torch.tensor(alive, dtype=torch.long, device=device)
+                seqs, tokens = [seqs[i] for i in alive], [tokens[i] for i in alive]
+                rows, at, pos = rows[:len(alive)], at[index], pos[index]
+            if max(cache.lengths) >= cache.capacity:
+                raise RuntimeError(f"KV cache overflow: {max(cache.lengths) + 1} > capacity {cache.capacity}")
+            cache_lens = (at + 1).to(torch.int32)
 
             def attend(layer, q, k, v):
-                cache.append(layer, at, k, v)
+                cache.append_tokens(layer, rows, at, k, v)
                 return decode_attention(q, cache.keys[layer], cache.values[layer], cache_lens,
                                         key_mask=cache.key_mask[layer], backend=backend)
 
-            hidden = model(torch.tensor([token], device=device), torch.tensor([position], device=device), attend)
-            cache.length = at + 1
-            position += 1
+            hidden = model(torch.tensor(tokens, dtype=torch.long, device=device), pos, attend)
+            cache.lengths = [n + 1 for n in cache.lengths]
+            at += 1
+            pos += 1
+            steps += 1
             logits = model.lm_head_rows(hidden)
-        if out and out[-1] in eos:
-            out = out[:-1]
-        return out
+        for out in outs:
+            if out and out[-1] in eos:
+                out.pop()
+        return outs, steps
+
+
+def _window_runs(lens: list[int], windows: list[int], device) -> list[tuple[int, int, torch.Tensor, int]]:
+    """Split packed sequences into runs of neighbours that share one score window, as (first row, end row,
+    cu_seqlens, window): chunk_attention takes one window per call. Documents whose questions are at least
+    `score_window` tokens long all share one, so a prefill batch is normally one run."""
+    runs, row, i = [], 0, 0
+    while i < len(lens):
+        j = i
+        while j < len(lens) and windows[j] == windows[i]:
+            j += 1
+        cu = torch.tensor([0] + list(_cumsum(lens[i:j])), dtype=torch.int32, device=device)
+        end = row + sum(lens[i:j])
+        runs.append((row, end, cu, windows[i]))
+        row, i = end, j
+    return runs
+
+
+def _packed_chunk_attention(q, k, v, runs, score_reduce: str, backend):
+    """chunk_attention over the packed batch, one call per window run; (out, scores or None)."""
+    outs, scores = [], []
+    for a, b, cu, window in runs:
+        out, _, score = chunk_attention(q[a:b], k[a:b], v[a:b], cu, cu, causal=True, score_window=window,
+                                        score_reduce=score_reduce, return_lse=False, backend=backend)
+        outs.append(out)
+        scores.append(score)
+    if len(runs) == 1:
+        return outs[0], scores[0]
+    return torch.cat(outs), (torch.cat(scores) if scores[0] is not None else None)
 
 
 def _region_mask(cal, merged: int, m: int, device) -> torch.Tensor:

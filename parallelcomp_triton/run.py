@@ -1,16 +1,29 @@
-"""Command line: answer a question about a long document.
+"""Command line: answer a question about a long document, or many.
 
     python -m parallelcomp_triton.run --input doc.txt --question "What is the pass key?"
     python -m parallelcomp_triton.run --demo            # passkey retrieval beyond the trained window
+    python -m parallelcomp_triton.run --input-jsonl questions.jsonl > answers.jsonl
+    torchrun --nproc-per-node 2 -m parallelcomp_triton.run --input doc.txt --question "..." --distributed
 
 The answer goes to stdout, a progress bar over chunks to stderr; --json prints one object with the answer
 and the stats. Bad input prints one line to stderr and exits with code 2.
+
+--input-jsonl reads one JSON object per line with "context" and "question" (and optionally "id"), answers
+`--batch-docs` documents at a time with generate_batch and writes one JSON object per input line to stdout,
+in input order: {"line": N, "id": ..., "answer": ...}. A bad line (invalid JSON, a missing or empty field,
+a question that does not fit the window) gets {"line": N, "error": "..."} and a one-line message on
+stderr; the other lines are still answered, and the exit code is 2.
+
+--distributed (under torchrun): every rank loads the model and prefills its share of the chunks; rank 0
+gathers the K best compressed chunk caches, answers and prints; the other ranks print nothing.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from dataclasses import dataclass
 
 from .config import MODES, TEMPLATES, Calibration, ParallelCompConfig
 from .errors import ParallelCompError
@@ -36,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m parallelcomp_triton.run", description=__doc__.split("\n")[0])
     src = p.add_mutually_exclusive_group()
     src.add_argument("--input", help="document file (UTF-8), or - for stdin")
+    src.add_argument("--input-jsonl", metavar="FILE",
+                     help="one JSON object per line with context, question (and id); - for stdin")
     src.add_argument("--demo", action="store_true",
                      help="build a passkey document (--demo-tokens long) and answer it: the bundled model's main job")
     p.add_argument("--demo-tokens", type=int, default=16000, help="length of the --demo document in tokens")
@@ -58,20 +73,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--batch-docs", type=int, default=8, help="documents answered together with --input-jsonl")
+    p.add_argument("--distributed", action="store_true",
+                   help="spread the chunk prefill over torchrun's ranks (gloo on CPU, nccl on GPUs)")
     p.add_argument("--json", action="store_true", help="print one JSON object with the answer and the stats")
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
-def read_document(path: str) -> str:
+def _read_bytes(path: str) -> bytes:
     try:
-        data = sys.stdin.buffer.read() if path == "-" else open(path, "rb").read()
+        return sys.stdin.buffer.read() if path == "-" else open(path, "rb").read()
     except FileNotFoundError:
         raise ParallelCompError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise ParallelCompError(f"{path}: is a directory, expected a text file") from None
     except OSError as e:
         raise ParallelCompError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def read_document(path: str) -> str:
+    data = _read_bytes(path)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -81,30 +103,84 @@ def read_document(path: str) -> str:
     return text
 
 
+@dataclass
+class Job:
+    """One input line of --input-jsonl (or the one document of --input / --demo)."""
+
+    line: int
+    context: str | None = None
+    question: str | None = None
+    id: object = None
+    has_id: bool = False
+    error: str | None = None  # why the line cannot be answered
+
+
+def _parse_line(number: int, raw: bytes) -> Job | None:
+    """A Job for one JSONL line (None for a blank line); a bad line becomes a Job with `error` set."""
+    try:
+        text = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # tolerate a byte-order mark
+    except UnicodeDecodeError as e:
+        return Job(number, error=f"not UTF-8 text (bad byte at column {e.start + 1})")
+    if not text.strip():
+        return None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        return Job(number, error=f"invalid JSON (column {e.colno}: {e.msg})")
+    if not isinstance(obj, dict):
+        return Job(number, error=f"expected a JSON object, got {type(obj).__name__}")
+    job = Job(number, id=obj.get("id"), has_id="id" in obj)
+    for name in ("context", "question"):
+        if name not in obj:
+            job.error = f"missing field {name!r}"
+        elif not isinstance(obj[name], str):
+            job.error = f"field {name!r} must be a string, got {type(obj[name]).__name__}"
+        elif not obj[name].strip():
+            job.error = f"field {name!r} is empty"
+        if job.error:
+            return job
+    job.context, job.question = obj["context"], obj["question"]
+    return job
+
+
+def read_jsonl(path: str) -> list[Job]:
+    """Every non-blank line of a JSONL file as a Job, bad lines included (they carry their error)."""
+    jobs = [job for number, raw in enumerate(_read_bytes(path).split(b"\n"), start=1)
+            if (job := _parse_line(number, raw)) is not None]
+    if not jobs:
+        raise ParallelCompError(f"{path}: no JSON lines")
+    return jobs
+
+
 def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help (0) or a usage error (2, already printed in one line)
         return int(e.code or 0)
+    # Under --distributed only rank 0 speaks: every rank meets the same bad input, one line is enough.
+    quiet = args.distributed and os.environ.get("RANK", "0") != "0"
     try:
         return _main(args)
     except ParallelCompError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not quiet:
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
 
 
-def _main(args) -> int:
-    import torch
-
-    from .pipeline import ParallelComp
-
-    if args.input is None and not args.demo:
-        raise ParallelCompError("give --input FILE (or - for stdin) and --question, or --demo")
+def _config(args) -> ParallelCompConfig:
+    if args.input is None and args.input_jsonl is None and not args.demo:
+        raise ParallelCompError("give --input FILE (or - for stdin) and --question, --input-jsonl FILE, or --demo")
     if args.input is not None and not args.question:
         raise ParallelCompError("--question is required with --input")
+    if args.input_jsonl is not None and args.question:
+        raise ParallelCompError("--question is not used with --input-jsonl (every line has its own question)")
+    if args.batch_docs < 1:
+        raise ParallelCompError(f"--batch-docs {args.batch_docs}: must be >= 1")
+    if args.demo_tokens < 100:
+        raise ParallelCompError(f"--demo-tokens {args.demo_tokens}: must be >= 100")
     calibration = Calibration.parse(args.calibrate) if args.calibrate else None
     cfg = ParallelCompConfig(mode=args.mode, template=args.template, chunk_tokens=args.chunk_tokens,
                              window=args.window, batch_chunks=args.batch_chunks, keep_chunks=args.keep_chunks,
@@ -112,20 +188,55 @@ def _main(args) -> int:
                              max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                              seed=args.seed)
     cfg.check()
-    if args.demo_tokens < 100:
-        raise ParallelCompError(f"--demo-tokens {args.demo_tokens}: must be >= 100")
+    return cfg
+
+
+def _read_jobs(args) -> list[Job]:
+    """The documents to answer; --demo builds its document later, once the tokenizer is loaded."""
+    if args.input_jsonl is not None:
+        return read_jsonl(args.input_jsonl)
     if args.input is not None:
-        context, question, expected = read_document(args.input), args.question, None
+        return [Job(1, context=read_document(args.input), question=args.question)]
+    return []
+
+
+def _device(args) -> str:
+    import torch
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ParallelCompError(f"--device {device}: CUDA is not available on this machine")
-    pc = ParallelComp.from_pretrained(args.model, dtype=args.dtype, device=device, backend=args.backend)
-    if args.demo:
-        from .tasks import passkey_case
+    return device
 
-        case = passkey_case(pc.tokenizer, args.demo_tokens, depth=0.5, seed=args.seed or 0)
-        context, question, expected = case.context, args.question or case.question, case.answer
-    res = pc.generate(context, question, config=cfg, progress=not args.no_progress)
+
+def _demo_job(pc, args) -> tuple[Job, str]:
+    from .tasks import passkey_case
+
+    case = passkey_case(pc.tokenizer, args.demo_tokens, depth=0.5, seed=args.seed or 0)
+    return Job(1, context=case.context, question=args.question or case.question), case.answer
+
+
+def _main(args) -> int:
+    from .pipeline import ParallelComp
+
+    cfg = _config(args)
+    if args.distributed:
+        return _main_distributed(args, cfg)
+    jobs = _read_jobs(args)
+    pc = ParallelComp.from_pretrained(args.model, dtype=args.dtype, device=_device(args), backend=args.backend)
+    if args.input_jsonl is not None:
+        return answer_jsonl(pc, jobs, cfg, args)
+    expected = None
+    if args.demo:
+        job, expected = _demo_job(pc, args)
+    else:
+        job = jobs[0]
+    res = pc.generate(job.context, job.question, config=cfg, progress=not args.no_progress)
+    _print_answer(res, args, expected)
+    return 0
+
+
+def _print_answer(res, args, expected) -> None:
     if args.json:
         out = {"answer": res.text, "token_ids": res.token_ids, "stats": res.stats}
         if expected is not None:
@@ -139,7 +250,98 @@ def _main(args) -> int:
                   f"kept {res.stats['kept_chunks']}, KV {res.stats['kv_tokens_per_layer_before']} -> "
                   f"{res.stats['kv_tokens_per_layer_after']} tokens/layer, {res.stats['time_total_s']:.1f} s; "
                   f"expected pass key {expected}: {'found' if ok else 'NOT found'}", file=sys.stderr)
-    return 0
+
+
+def _jsonl_record(job: Job, result, args, source: str) -> dict:
+    """The output object for one input line; a bad line is also reported on stderr."""
+    record: dict = {"line": job.line}
+    if job.has_id:
+        record["id"] = job.id
+    error = job.error or (str(result) if isinstance(result, ParallelCompError) else None)
+    if error is not None:
+        print(f"error: {source}:{job.line}: {error}", file=sys.stderr)
+        record["error"] = error
+        return record
+    record["answer"] = result.text.strip()
+    if args.json:
+        record["token_ids"] = result.token_ids
+        record["stats"] = result.stats
+    return record
+
+
+def answer_jsonl(pc, jobs: list[Job], cfg, args, generate_batch=None, speak: bool = True) -> int:
+    """Answer the good jobs `--batch-docs` at a time and print one JSON line per job, in input order.
+    `generate_batch(pairs) -> results` defaults to pc.generate_batch (the distributed run passes its own;
+    its ranks other than 0 run the same batches with speak=False)."""
+    source = "<stdin>" if args.input_jsonl == "-" else args.input_jsonl
+    if generate_batch is None:
+        def generate_batch(pairs):
+            return pc.generate_batch(pairs, config=cfg, progress=not args.no_progress, return_errors=True)
+    any_bad = False
+    pending: list[Job] = []
+
+    def flush():
+        nonlocal any_bad
+        good = [job for job in pending if job.error is None]
+        results = iter(generate_batch([(job.context, job.question) for job in good]) if good else [])
+        for job in pending:
+            result = next(results) if job.error is None else None
+            any_bad |= job.error is not None or isinstance(result, ParallelCompError)
+            if speak:
+                print(json.dumps(_jsonl_record(job, result, args, source)), flush=True)
+        pending.clear()
+
+    for job in jobs:
+        pending.append(job)
+        if sum(j.error is None for j in pending) >= args.batch_docs:
+            flush()
+    flush()
+    return 2 if any_bad else 0
+
+
+def _main_distributed(args, cfg) -> int:
+    from .distributed import generate_distributed, init_distributed
+    from .pipeline import ParallelComp
+
+    ctx = init_distributed(args.device)
+    together = False
+    try:
+        # Rank 0 reads the input and shares it, so only rank 0's host needs the file.
+        payload = None
+        if ctx.rank == 0:
+            try:
+                payload = ("jobs", _read_jobs(args))
+            except ParallelCompError as e:
+                payload = ("error", str(e))
+        kind, value = ctx.broadcast(payload)
+        if kind == "error":
+            raise ParallelCompError(value)
+        jobs = value
+        pc = ParallelComp.from_pretrained(args.model, dtype=args.dtype, device=ctx.device, backend=args.backend)
+        progress = ctx.rank == 0 and not args.no_progress
+
+        def generate_batch(pairs):
+            return generate_distributed(pc, ctx, pairs, config=cfg, progress=progress, return_errors=True)
+
+        if args.input_jsonl is not None:  # every rank runs the same batches; rank 0 prints
+            code = answer_jsonl(pc, jobs, cfg, args, generate_batch, speak=ctx.rank == 0)
+        else:
+            expected = None
+            if args.demo:  # every rank builds the same document from the same seed
+                job, expected = _demo_job(pc, args)
+            else:
+                job = jobs[0]
+            (res,) = generate_distributed(pc, ctx, [(job.context, job.question)], config=cfg, progress=progress)
+            if ctx.rank == 0:
+                _print_answer(res, args, expected)
+            code = 0
+        together = True
+        return code
+    except ParallelCompError:
+        together = True  # bad input or settings: every rank checks the same things and fails alike
+        raise
+    finally:
+        ctx.close(together)
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ def test_torch_and_triton_backends_agree(pc):
 def test_passkey_beyond_trained_window(pc):
     """About 10K tokens, past the model's 8K window: ParallelComp retrieves the pass key."""
     case = passkey_case(pc.tokenizer, 10_000, depth=0.6, seed=0)
-    cfg = ParallelCompConfig(template="chat", chunk_tokens=1200, batch_chunks=3, max_new_tokens=12)
+    cfg = ParallelCompConfig(instruction=case.instruction, chunk_tokens=1200, batch_chunks=3, max_new_tokens=12)
     res = pc.generate(case.context, case.question, config=cfg)
     assert case.tokens > 9_000
     assert case.answer in res.text, res.text

@@ -1,0 +1,196 @@
+"""Chunk-parallel prefill across ranks with torch.distributed.
+
+    torchrun --nproc-per-node 2 -m parallelcomp_triton.run --input doc.txt --question "..." --distributed
+
+Every rank holds the whole model. The chunks of each document are split into contiguous shares, one per
+rank (sizes differ by at most one, the larger shares first, so rank 0 always owns chunk 0 and with it the
+shared prompt prefix's KV). Each rank prefills and compresses its share exactly as one process would
+(`ParallelComp.prefill`) and keeps its own K best chunks per document: the global K best are among the
+ranks' local K best, so nothing else has to move. Then:
+
+1. all-gather of (document, chunk, question NLL) of every rank's local K best, and of every chunk's NLL
+   for the stats; every rank picks the same global K best (lowest NLL, ties to the earlier chunk);
+2. each owner sends those compressed caches to rank 0 (`dist.send`: one [2 * layers, H_kv, n, d] K/V
+   tensor per chunk, plus one [layers, H_kv, n] int32 tensor of kept positions when KV eviction is on);
+   rank 0 knows every shape from the chunk spans, so no metadata travels;
+3. rank 0 merges, runs the question pass and decodes (`ParallelComp.answer`); the other ranks are done.
+
+Backend: nccl on GPUs (rank r uses cuda:LOCAL_RANK), gloo on CPU. Results equal the single-process run
+token for token up to floating-point ties (a chunk's numbers do not depend on which rank encodes it, only on
+which chunks share its prefill batch, as in one process with another `batch_chunks`).
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .cache import ChunkCache
+from .errors import ParallelCompError
+from .pipeline import Document, ParallelComp, _nan_last
+
+
+@dataclass
+class DistContext:
+    rank: int
+    world_size: int
+    device: torch.device
+    backend: str
+
+    def broadcast(self, obj):
+        """Rank 0's `obj` on every rank (pickled; for small things such as the input text)."""
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def close(self, together: bool = True) -> None:
+        """Leave the process group. `together`: every rank gets here (normal end, or the same bad input on
+        every rank); then wait for all first, since a gloo rank that tears down while a peer still works
+        (rank 0 decoding) can abort in the C++ teardown ("terminate called without an active exception").
+        Otherwise (one rank failed alone) just return: the process exits and torchrun stops the others."""
+        if dist.is_initialized() and together:
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def init_distributed(device: str | None = None) -> DistContext:
+    """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE, MASTER_ADDR, ...)."""
+    missing = [name for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if missing:
+        raise ParallelCompError(f"--distributed: {', '.join(missing)} not set; launch with "
+                                "torchrun --nproc-per-node N -m parallelcomp_triton.run ... --distributed")
+    use_cuda = device.startswith("cuda") if device else torch.cuda.is_available()
+    if use_cuda:
+        if not torch.cuda.is_available():
+            raise ParallelCompError(f"--device {device}: CUDA is not available on this machine")
+        where = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(where)
+        dist.init_process_group("nccl", device_id=where)
+    else:
+        where = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return DistContext(dist.get_rank(), dist.get_world_size(), where, dist.get_backend())
+
+
+def chunk_shares(num_chunks: int, world_size: int) -> list[range]:
+    """Contiguous shares of range(num_chunks), one per rank, larger ones first (rank 0 owns chunk 0)."""
+    base, extra = divmod(num_chunks, world_size)
+    shares, start = [], 0
+    for rank in range(world_size):
+        end = start + base + (1 if rank < extra else 0)
+        shares.append(range(start, end))
+        start = end
+    return shares
+
+
+def _owner(shares: list[range], chunk: int) -> int:
+    return next(rank for rank, share in enumerate(shares) if chunk in share)
+
+
+def _send_chunk(cache: ChunkCache, dst: int) -> int:
+    """Send one compressed chunk cache; returns the bytes sent."""
+    kv = torch.stack(cache.keys + cache.values)  # one message: [2 * layers, H_kv, n, d]
+    dist.send(kv, dst)
+    sent = kv.numel() * kv.element_size()
+    if cache.positions is not None:
+        positions = torch.stack(cache.positions).to(torch.int32)
+        dist.send(positions, dst)
+        sent += positions.numel() * positions.element_size()
+    return sent
+
+
+def _recv_chunk(pc: ParallelComp, doc: Document, chunk: int, nll: float, src: int) -> ChunkCache:
+    a = pc.args
+    s, e = doc.spans[chunk]
+    n = min(doc.budget, e - s) if doc.budget is not None else e - s
+    weight = pc.model.embed_tokens.weight
+    kv = torch.empty(2 * a.num_layers, a.num_kv_heads, n, a.head_dim, dtype=weight.dtype, device=weight.device)
+    dist.recv(kv, src)
+    positions = None
+    if doc.budget is not None:
+        positions = torch.empty(a.num_layers, a.num_kv_heads, n, dtype=torch.int32, device=weight.device)
+        dist.recv(positions, src)
+        positions = list(positions.unbind(0))
+    layers = list(kv.unbind(0))
+    return ChunkCache(index=chunk, context_len=e - s, nll=nll, keys=layers[:a.num_layers],
+                      values=layers[a.num_layers:], positions=positions)
+
+
+@torch.no_grad()
+def generate_distributed(pc: ParallelComp, ctx: DistContext, pairs, max_new_tokens: int | None = None,
+                         config=None, progress: bool = False, return_errors: bool = False) -> list:
+    """`pc.generate_batch(pairs, ...)` with the chunk prefill spread over the ranks. Every rank must call it
+    with the same arguments. Rank 0 gets the results; the other ranks get a list of the same length with
+    None for answered pairs (and the ParallelCompError of bad pairs when `return_errors`)."""
+    cfg = pc.resolve_config(config, max_new_tokens)
+    prepared = pc.prepare_all(cfg, pairs, return_errors)
+    docs = [d for d in prepared if isinstance(d, Document)]
+    if not docs:
+        return prepared
+    rank, world = ctx.rank, ctx.world_size
+    shares = [chunk_shares(len(doc.spans), world) for doc in docs]
+
+    t = time.perf_counter()
+    work = [(d, c) for d in range(len(docs)) for c in shares[d][rank]]
+    pc.prefill(cfg, docs, work, progress=progress)
+    prefill_s = time.perf_counter() - t
+
+    # 1. Agree on the K best chunks of every document.
+    t_exchange = time.perf_counter()
+    local = {"kept": [(d, c.index, c.nll) for d, doc in enumerate(docs) for c in doc.kept],
+             "nll": [(d, c, docs[d].nll[c]) for d, c in work], "chunks": len(work), "prefill_s": prefill_s}
+    score_bytes = len(pickle.dumps(local))
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, local)
+    winners: list[list[tuple[int, float]]] = []  # per document: (chunk, nll), document order
+    for d, doc in enumerate(docs):
+        candidates = [(c, nll) for part in gathered for dd, c, nll in part["kept"] if dd == d]
+        best = sorted(candidates, key=lambda x: (_nan_last(x[1]), x[0]))[:doc.keep]
+        winners.append(sorted(best))
+
+    # 2. The owners send the winners' caches to rank 0, in one agreed order (document, chunk).
+    kv_bytes = 0
+    received: dict[tuple[int, int], ChunkCache] = {}
+    for d, doc in enumerate(docs):
+        mine = {c.index: c for c in doc.kept}
+        for c, nll in winners[d]:
+            owner = _owner(shares[d], c)
+            if owner == 0:
+                continue
+            if rank == owner:
+                kv_bytes += _send_chunk(mine[c], dst=0)
+            elif rank == 0:
+                received[(d, c)] = _recv_chunk(pc, doc, c, nll, src=owner)
+    sent: list = [None] * world
+    dist.all_gather_object(sent, {"kv_bytes": kv_bytes, "score_bytes": score_bytes})
+    if rank != 0:
+        return [None if isinstance(d, Document) else d for d in prepared]
+
+    # 3. Rank 0: the global K best per document, every chunk's NLL, then merge, question pass and decoding.
+    mine = [{c.index: c for c in doc.kept} for doc in docs]
+    for d, doc in enumerate(docs):
+        doc.kept = [mine[d][c] if (d, c) not in received else received[(d, c)] for c, _ in winners[d]]
+        for part in gathered:
+            for dd, c, nll in part["nll"]:
+                if dd == d:
+                    doc.nll[c] = nll
+    exchange_s = time.perf_counter() - t_exchange
+    cache = pc.new_cache(docs)
+    for row, doc in enumerate(docs):
+        pc.merge_document(cache, row, doc)
+        doc.stats["time_prefill_s"] = time.perf_counter() - t
+        doc.stats["distributed"] = {
+            "world_size": world, "backend": ctx.backend,
+            "chunks_per_rank": [part["chunks"] for part in gathered],
+            "prefill_s_per_rank": [round(part["prefill_s"], 4) for part in gathered],
+            "exchange_s": round(exchange_s, 4),
+            # Point-to-point K/V payload to rank 0, and each rank's pickled share of the score all-gather.
+            "kv_bytes_sent_per_rank": [s["kv_bytes"] for s in sent],
+            "score_bytes_sent_per_rank": [s["score_bytes"] for s in sent],
+        }
+    answers = iter(pc.answer(cfg, docs, cache))
+    return [next(answers) if isinstance(d, Document) else d for d in prepared]

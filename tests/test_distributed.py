@@ -1,0 +1,151 @@
+"""Chunk-parallel prefill across ranks: 2 gloo ranks launched with torchrun on this machine must answer
+exactly what one process answers."""
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from parallelcomp_triton import ParallelComp, ParallelCompConfig
+from parallelcomp_triton.distributed import chunk_shares
+from parallelcomp_triton.run import main
+from _tiny_models import save_tiny_llama
+from _tiny_pipeline import byte_tokenizer
+
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
+# chat template: a shared prefix, which rank 0 must hold for every document (it owns every chunk 0).
+CONFIG = dict(template="chat", chunk_tokens=150, keep_chunks=3, kv_budget=32, batch_chunks=2, max_new_tokens=8)
+CLI_CONFIG = ["--template", "chat", "--chunk-tokens", "150", "--keep-chunks", "3", "--kv-budget", "32",
+              "--batch-chunks", "2", "--max-new-tokens", "8", "--no-progress"]
+
+
+def document(n_words: int, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    return " ".join(rng.choice(WORDS) for _ in range(n_words))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_llama")
+    tok = byte_tokenizer()
+    save_tiny_llama(path, vocab_size=len(tok))
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pc(model_dir):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield ParallelComp.from_pretrained(model_dir)
+    torch.set_num_threads(threads)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc: int, *args) -> subprocess.CompletedProcess:
+    env = dict(os.environ, TRITON_INTERPRET="0", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--nnodes", "1",
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+           "-m", "parallelcomp_triton.run", "--distributed", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_chunk_shares_contiguous_and_rank0_owns_chunk0():
+    for n in (1, 2, 3, 7, 14):
+        for world in (1, 2, 3, 5):
+            shares = chunk_shares(n, world)
+            assert [c for share in shares for c in share] == list(range(n))
+            sizes = [len(s) for s in shares]
+            assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+            assert 0 in shares[0]
+
+
+def test_distributed_without_torchrun_is_one_line_error(model_dir, tmp_path, monkeypatch, capsys):
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    doc = tmp_path / "doc.txt"
+    doc.write_text(document(50))
+    assert main(["--model", str(model_dir), "--input", str(doc), "--question", "q", "--distributed"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "torchrun" in err[0]
+
+
+def expected_kv_bytes(pc, res, rank: int, world: int) -> int:
+    """Bytes rank `rank` sends: K/V and int32 positions of the kept chunks it owns."""
+    a, st = pc.args, res.stats
+    owned = chunk_shares(len(st["chunk_spans"]), world)[rank]
+    total = 0
+    for c in st["kept_chunks"]:
+        if c in owned and rank != 0:
+            s, e = st["chunk_spans"][c]
+            n = min(CONFIG["kv_budget"], e - s)
+            total += a.num_layers * a.num_kv_heads * n * (2 * a.head_dim * 4 + 4)
+    return total
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_equal_one_process(pc, model_dir, tmp_path):
+    context, question = document(400, seed=1), "Which word comes first?"
+    doc = tmp_path / "doc.txt"
+    doc.write_text(context)
+    proc = torchrun(2, "--model", str(model_dir), "--input", str(doc), "--question", question, "--json",
+                    *CLI_CONFIG)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1  # rank 1 prints nothing
+    got = json.loads(lines[0])
+    want = pc.generate(context, question, config=ParallelCompConfig(**CONFIG))
+    assert got["token_ids"] == want.token_ids and len(want.token_ids) > 0
+    st = got["stats"]
+    assert st["kept_chunks"] == want.stats["kept_chunks"]
+    assert st["chunk_nll_all"] == pytest.approx(want.stats["chunk_nll_all"], abs=1e-4)
+    assert st["kv_tokens_per_layer_after"] == want.stats["kv_tokens_per_layer_after"]
+    dist = st["distributed"]
+    n = len(st["chunk_spans"])
+    assert dist["world_size"] == 2 and dist["backend"] == "gloo" and n >= 10
+    assert dist["chunks_per_rank"] == [len(s) for s in chunk_shares(n, 2)]
+    assert dist["kv_bytes_sent_per_rank"] == [expected_kv_bytes(pc, want, r, 2) for r in range(2)]
+    assert dist["kv_bytes_sent_per_rank"][1] > 0  # the test is only meaningful if rank 1 owns a winner
+    assert all(b > 0 for b in dist["score_bytes_sent_per_rank"])
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_answer_jsonl_like_generate_batch(pc, model_dir, tmp_path):
+    """Several documents, one with fewer chunks than ranks (rank 1 has nothing of it)."""
+    pairs = [(document(20, seed=2), "Name one?"), (document(400, seed=3), "What is the last word?"),
+             (document(120, seed=4), "Hm")]
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "context": c, "question": q}) + "\n"
+                            for i, (c, q) in enumerate(pairs)))
+    proc = torchrun(2, "--model", str(model_dir), "--input-jsonl", str(path), "--json", "--batch-docs", "3",
+                    *CLI_CONFIG)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    assert [r["id"] for r in records] == [0, 1, 2]
+    want = pc.generate_batch(pairs, config=ParallelCompConfig(**CONFIG))
+    assert [len(w.stats["chunk_spans"]) for w in want][0] == 1
+    for r, w in zip(records, want):
+        assert r["token_ids"] == w.token_ids
+        assert r["stats"]["kept_chunks"] == w.stats["kept_chunks"]
+        assert r["stats"]["distributed"]["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_bad_input_under_torchrun_one_line_from_rank0_no_hang(model_dir, tmp_path):
+    """Only rank 0 reads the input: it tells the other ranks, and they exit 2 without hanging (torchrun then
+    exits 1)."""
+    proc = torchrun(2, "--model", str(model_dir), "--input", str(tmp_path / "missing.txt"), "--question", "q",
+                    *CLI_CONFIG)
+    assert proc.returncode != 0 and proc.stdout == ""
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert ours == [f"error: {tmp_path / 'missing.txt'}: no such file"]
+    assert "exitcode  : 2" in proc.stderr  # torchrun's summary names the first rank that exited, with code 2
