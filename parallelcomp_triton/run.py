@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--demo", action="store_true",
                      help="build a passkey document (--demo-tokens long) and answer it: the bundled model's main job")
     p.add_argument("--demo-tokens", type=int, default=16000, help="length of the --demo document in tokens")
+    p.add_argument("--instruction", default="", help="task text placed before the document (shared prefix)")
     p.add_argument("--question", help="the question (required with --input)")
     p.add_argument("--model", default=None, help="Hugging Face Llama directory (default: bundled SmolLM2-135M)")
     p.add_argument("--mode", choices=MODES, default=d.mode)
@@ -182,7 +183,16 @@ def _config(args) -> ParallelCompConfig:
     if args.demo_tokens < 100:
         raise ParallelCompError(f"--demo-tokens {args.demo_tokens}: must be >= 100")
     calibration = Calibration.parse(args.calibrate) if args.calibrate else None
-    cfg = ParallelCompConfig(mode=args.mode, template=args.template, chunk_tokens=args.chunk_tokens,
+    chunk_tokens, instruction = args.chunk_tokens, args.instruction
+    if args.demo:
+        from .tasks import PASSKEY_INSTRUCTION
+
+        # The passkey task's own instruction, and chunks of 1200 tokens: the setting that retrieved 3/3
+        # depths at 10K tokens on SmolLM2-135M (BENCHMARKS.md).
+        instruction = instruction or PASSKEY_INSTRUCTION
+        chunk_tokens = chunk_tokens or 1200
+    cfg = ParallelCompConfig(mode=args.mode, template=args.template, chunk_tokens=chunk_tokens,
+                             instruction=instruction,
                              window=args.window, batch_chunks=args.batch_chunks, keep_chunks=args.keep_chunks,
                              kv_budget=args.kv_budget, score_window=args.score_window, calibration=calibration,
                              max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -212,7 +222,7 @@ def _device(args) -> str:
 def _demo_job(pc, args) -> tuple[Job, str]:
     from .tasks import passkey_case
 
-    case = passkey_case(pc.tokenizer, args.demo_tokens, depth=0.5, seed=args.seed or 0)
+    case = passkey_case(pc.tokenizer, args.demo_tokens, depth=0.6, seed=args.seed or 0)
     return Job(1, context=case.context, question=args.question or case.question), case.answer
 
 
