@@ -52,27 +52,6 @@ class CompressedKVCache:
     def batch(self) -> int:
         return len(self.lengths)
 
-    @property
-    def length(self) -> int:
-        """Row 0's valid length (single-sequence callers)."""
-        return self.lengths[0]
-
-    @length.setter
-    def length(self, value: int) -> None:
-        self.lengths[0] = value
-
-    @classmethod
-    def merge(cls, prefix_keys: list[torch.Tensor] | None, prefix_values: list[torch.Tensor] | None,
-              chunks: list[ChunkCache], num_heads: int, extra: int) -> "CompressedKVCache":
-        """A one-row cache: prefix + chunks (already in document order), leaving `extra` free positions."""
-        ref = chunks[0].keys[0]
-        num_layers, (h_kv, _, d) = len(chunks[0].keys), ref.shape
-        prefix_len = prefix_keys[0].shape[1] if prefix_keys else 0
-        merged = prefix_len + sum(c.length for c in chunks)
-        cache = cls(num_layers, 1, h_kv, num_heads, d, merged + extra, ref.dtype, ref.device)
-        cache.fill_row(0, prefix_keys, prefix_values, chunks)
-        return cache
-
     def fill_row(self, row: int, prefix_keys: list[torch.Tensor] | None, prefix_values: list[torch.Tensor] | None,
                  chunks: list[ChunkCache]) -> int:
         """Write prefix + chunks (document order) at the start of `row`; returns the merged length."""

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import ParallelCompError
+from .run import _budget, _Parser, cli_main, read_document
 
 PROFILE_BINS = 20
 SHAPE_RATIO = 1.5  # an end "stands out" when its bins average 1.5x the middle's
@@ -362,7 +363,6 @@ def png_size(path: str) -> tuple[int, int]:
 
 def build_parser():
     from .config import TEMPLATES, ParallelCompConfig
-    from .run import _budget, _Parser
 
     d = ParallelCompConfig()
     p = _Parser(prog="python -m parallelcomp_triton.inspect", description=__doc__.split("\n")[0])
@@ -387,23 +387,11 @@ def build_parser():
 
 
 def main(argv=None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:
-        return int(e.code or 0)
-    try:
-        return _main(args)
-    except ParallelCompError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return cli_main(argv, build_parser, _main)
 
 
 def _main(args) -> int:
     from .config import Calibration, ParallelCompConfig
-    from .run import read_document
 
     _import_matplotlib()  # before minutes of work, not after
     check_output_path(args.out)

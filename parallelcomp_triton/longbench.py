@@ -30,6 +30,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from .errors import ParallelCompError
+from .run import _budget, _Parser, cli_main, read_input_bytes
 
 
 @dataclass(frozen=True)
@@ -212,28 +213,20 @@ def load_records(path: str, dataset: str | None = None, limit: int | None = None
     if dataset is not None:
         task_for(dataset)
     try:
-        f = open(path, encoding="utf-8")
-    except FileNotFoundError:
-        raise ParallelCompError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ParallelCompError(f"{path}: is a directory, expected a JSONL file") from None
-    except OSError as e:
-        raise ParallelCompError(f"{path}: cannot read ({e.strerror or e})") from None
+        text = read_input_bytes(path, "a JSONL file").decode("utf-8")
+    except UnicodeDecodeError:
+        raise ParallelCompError(f"{path}: not UTF-8 text") from None
     stem = os.path.splitext(os.path.basename(path))[0]
     records = []
-    with f:
-        try:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                rec = _check_record(path, number, line, dataset, stem)
-                if dataset is not None and _base(rec["dataset"]) != _base(dataset):
-                    continue
-                records.append(rec)
-                if limit is not None and len(records) >= limit:
-                    break
-        except UnicodeDecodeError:
-            raise ParallelCompError(f"{path}: not UTF-8 text") from None
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        rec = _check_record(path, number, line, dataset, stem)
+        if dataset is not None and _base(rec["dataset"]) != _base(dataset):
+            continue
+        records.append(rec)
+        if limit is not None and len(records) >= limit:
+            break
     if not records:
         raise ParallelCompError(f"{path}: no records" + (f" of dataset {dataset}" if dataset else ""))
     return records
@@ -374,7 +367,6 @@ def format_table(result: dict) -> str:
 
 def build_parser():
     from .config import MODES, ParallelCompConfig
-    from .run import _budget, _Parser
 
     d = ParallelCompConfig()
     p = _Parser(prog="python -m parallelcomp_triton.eval longbench",
@@ -403,15 +395,7 @@ def build_parser():
 
 
 def main(argv=None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:
-        return int(e.code or 0)
-    try:
-        return _main(args)
-    except ParallelCompError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return cli_main(argv, build_parser, _main)
 
 
 def _main(args) -> int:

@@ -13,6 +13,7 @@ import dataclasses
 import resource
 import time
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -306,7 +307,7 @@ class ParallelComp:
             ctx_lens = [b - a for a, b in ctx_rows]
             # Context rows of every chunk, packed: what KV eviction chooses from (prefix and question excluded).
             ctx_index = torch.cat([torch.arange(a, b, device=device) for a, b in ctx_rows])
-            ctx_cu = torch.tensor([0] + list(_cumsum(ctx_lens)), dtype=torch.int32, device=device)
+            ctx_cu = torch.tensor([0] + list(accumulate(ctx_lens)), dtype=torch.int32, device=device)
             kept_lens = [min(budget, n) for n in ctx_lens] if budget is not None else ctx_lens
 
             def attend(layer, q, k, v):
@@ -476,7 +477,7 @@ def _window_runs(lens: list[int], windows: list[int], device) -> list[tuple[int,
         j = i
         while j < len(lens) and windows[j] == windows[i]:
             j += 1
-        cu = torch.tensor([0] + list(_cumsum(lens[i:j])), dtype=torch.int32, device=device)
+        cu = torch.tensor([0] + list(accumulate(lens[i:j])), dtype=torch.int32, device=device)
         end = row + sum(lens[i:j])
         runs.append((row, end, cu, windows[i]))
         row, i = end, j
@@ -509,13 +510,6 @@ def _region_mask(cal, merged: int, m: int, device) -> torch.Tensor:
     if cal.region == "middle":
         return in_cache & (j >= n) & (j < merged - n)
     return in_cache
-
-
-def _cumsum(values):
-    total = 0
-    for v in values:
-        total += v
-        yield total
 
 
 def _nan_last(x: float) -> float:

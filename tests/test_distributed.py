@@ -13,8 +13,6 @@ import torch
 from parallelcomp_triton import ParallelComp, ParallelCompConfig
 from parallelcomp_triton.distributed import chunk_shares
 from parallelcomp_triton.run import main
-from _tiny_models import save_tiny_llama
-from _tiny_pipeline import byte_tokenizer
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
 # chat template: a shared prefix, which rank 0 must hold for every document (it owns every chunk 0).
@@ -26,15 +24,6 @@ CLI_CONFIG = ["--template", "chat", "--chunk-tokens", "150", "--keep-chunks", "3
 def document(n_words: int, seed: int = 0) -> str:
     rng = random.Random(seed)
     return " ".join(rng.choice(WORDS) for _ in range(n_words))
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_llama")
-    tok = byte_tokenizer()
-    save_tiny_llama(path, vocab_size=len(tok))
-    tok.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
