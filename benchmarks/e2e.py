@@ -7,7 +7,9 @@ Every (method, length) runs in its own subprocess so that peak RSS belongs to th
 (transformers LlamaForCausalLM, sdpa, the whole document in one causal pass, then greedy decoding with its
 cache), the last one only up to --hf-max tokens. Also measured: the machine's GEMM rate at the model's
 shapes, and the linear-layer floor for each length (2 x non-embedding parameters x tokens / rate).
-Prints a markdown table; never asserts timings.
+Prints a markdown table and, with --plot (matplotlib, `pip install -e .[plot]`), a PNG of prefill time and
+peak RSS against document length; --plot-only JSON redraws the PNG from earlier results. Never asserts
+timings.
 """
 from __future__ import annotations
 
@@ -89,6 +91,39 @@ def run_one(method: str, tokens: int, max_new: int) -> dict:
     return out
 
 
+def plot(result: dict, path: str) -> None:
+    """Two panels, log-log: prefill seconds (with the linear floor) and peak RSS against document tokens."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+    for method in dict.fromkeys(r["method"] for r in rows):
+        sel = sorted((r for r in rows if r["method"] == method), key=lambda r: r["tokens"])
+        xs = [r["tokens"] for r in sel]
+        ax_t.plot(xs, [r["prefill_s"] + r["question_s"] for r in sel], "o-", label=method)
+        ax_m.plot(xs, [r["peak_rss_bytes"] / 2**30 for r in sel], "o-", label=method)
+    floor = sorted({(r["tokens"], r["linear_floor_s"]) for r in rows if r["method"] == "parallelcomp"})
+    if floor:
+        ax_t.plot([f[0] for f in floor], [f[1] for f in floor], "k--", lw=1, label="linear floor (whole document)")
+    for ax, title, unit in ((ax_t, "prefill + question pass", "seconds"), (ax_m, "peak RSS", "GiB")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("document tokens")
+        ax.set_ylabel(unit)
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    m = result.get("machine", {})
+    fig.suptitle(f"SmolLM2-135M fp32, CPU, {m.get('threads', '?')} threads, GEMM {m.get('gemm_gflops', 0):.0f} GFLOP/s",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--lengths", default="8000,16000,32000,64000,128000")
@@ -96,10 +131,15 @@ def main() -> int:
     p.add_argument("--hf-max", type=int, default=16000, help="longest document for hf_full")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--out", default="results/e2e.json")
+    p.add_argument("--plot", default=None, help="also write a PNG of time and memory against length")
+    p.add_argument("--plot-only", default=None, metavar="JSON", help="redraw --plot from an earlier results file")
     p.add_argument("--one", nargs=2, metavar=("METHOD", "TOKENS"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
         print(json.dumps(run_one(args.one[0], int(args.one[1]), args.max_new_tokens)))
+        return 0
+    if args.plot_only:
+        plot(json.load(open(args.plot_only)), args.plot or os.path.splitext(args.plot_only)[0] + ".png")
         return 0
     import torch
 
@@ -133,6 +173,8 @@ def main() -> int:
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
+    if args.plot:
+        plot(result, args.plot)
     print(f"GEMM rate {rate / 1e9:.1f} GFLOP/s (fp32, {torch.get_num_threads()} threads)\n")
     print("| method | tokens | chunks | prefill s | x linear floor | question s | decode ms/token | peak RSS GiB | KV MiB |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -22,6 +22,15 @@ from .tasks import niah_case, passkey_case
 TASKS = {"passkey": passkey_case, "niah": niah_case}
 
 
+def _needle_chunk(tokenizer, case, spans) -> int | None:
+    """Index of the chunk whose token span holds the first token of the answer (None: one chunk or not found)."""
+    at = case.context.find(case.answer)
+    if at < 0 or len(spans) < 2:
+        return None
+    tok = len(tokenizer.encode(case.context[:at], add_special_tokens=False))
+    return next((i for i, (s, e) in enumerate(spans) if s <= tok < e), None)
+
+
 def evaluate(pc, task: str, lengths, depths, config: ParallelCompConfig, question: str = "cue", seed: int = 0,
              log=None) -> dict:
     make = TASKS[task]
@@ -33,14 +42,19 @@ def evaluate(pc, task: str, lengths, depths, config: ParallelCompConfig, questio
             cfg = config if config.instruction else dataclasses.replace(config, instruction=case.instruction)
             res = pc.generate(case.context, case.question, config=cfg)
             ok = case.answer in res.text
+            needle_chunk = _needle_chunk(pc.tokenizer, case, res.stats.get("chunk_spans") or [])
             row = {"tokens": case.tokens, "target_tokens": n, "depth": depth, "answer": case.answer,
                    "output": res.text, "correct": ok, "seconds": round(time.perf_counter() - t, 2),
-                   "kept_chunks": res.stats.get("kept_chunks"), "chunks": len(res.stats.get("chunk_spans", [])),
-                   "kv_tokens_after": res.stats.get("kv_tokens_per_layer_after")}
+                   "kept_chunks": res.stats.get("kept_chunks"), "needle_chunk": needle_chunk,
+                   "needle_kept": needle_chunk in (res.stats.get("kept_chunks") or []), "chunks": len(res.stats.get("chunk_spans", [])),
+                   "kv_tokens_after": res.stats.get("kv_tokens_per_layer_after"),
+                   "kv_cache_bytes": res.stats.get("kv_cache_bytes"),
+                   "peak_memory_bytes": res.stats.get("peak_memory_bytes")}
             rows.append(row)
             if log:
+                kept = "" if needle_chunk is None else f", needle chunk {'kept' if row['needle_kept'] else 'evicted'}"
                 log(f"{task} {n:>7} depth {depth:.2f}: {'ok ' if ok else 'MISS'} {res.text.strip()[:40]!r} "
-                    f"({row['seconds']} s)")
+                    f"({row['seconds']} s{kept})")
     acc = {}
     for n in lengths:
         sel = [r for r in rows if r["target_tokens"] == n]
@@ -49,9 +63,11 @@ def evaluate(pc, task: str, lengths, depths, config: ParallelCompConfig, questio
 
 
 def format_table(result: dict) -> str:
-    lines = [f"| {result['task']} tokens | accuracy |", "|---:|---:|"]
+    lines = [f"| {result['task']} tokens | accuracy | needle chunk kept |", "|---:|---:|---:|"]
     for n, a in result["accuracy"].items():
-        lines.append(f"| {n} | {100 * a:.0f}% |")
+        sel = [r for r in result["cases"] if str(r["target_tokens"]) == n and r["needle_chunk"] is not None]
+        kept = f"{sum(r['needle_kept'] for r in sel)}/{len(sel)}" if sel else "-"
+        lines.append(f"| {n} | {100 * a:.0f}% | {kept} |")
     return "\n".join(lines)
 
 

@@ -1,0 +1,68 @@
+"""The passkey / NIAH harness: needle-chunk bookkeeping, accuracy table, CLI."""
+import json
+
+import pytest
+
+from parallelcomp_triton import ParallelCompConfig
+from parallelcomp_triton.eval import evaluate, format_table, main
+from parallelcomp_triton.prompt import split_even
+from parallelcomp_triton.tasks import passkey_case
+
+
+@pytest.fixture(scope="module")
+def pc():
+    from _tiny_pipeline import tiny_pc
+
+    return tiny_pc(layers=2)
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.35, 0.8, 1.0])
+def test_needle_chunk_is_the_chunk_that_holds_the_key(pc, depth):
+    cfg = ParallelCompConfig(chunk_tokens=200, kv_budget=40, keep_chunks=2, max_new_tokens=2)
+    res = evaluate(pc, "passkey", [900], [depth], cfg)
+    (row,) = res["cases"]
+    case = passkey_case(pc.tokenizer, 900, depth=depth)
+    at = case.context.find(case.answer)  # the byte tokenizer: one token per byte
+    spans = split_even(row["tokens"], 200)  # what the pipeline cuts
+    assert row["chunks"] == len(spans) and row["answer"] == case.answer
+    s, e = spans[row["needle_chunk"]]
+    assert s <= at < e
+    assert row["needle_kept"] == (row["needle_chunk"] in row["kept_chunks"])
+    assert row["kv_cache_bytes"] > 0 and row["correct"] == (case.answer in row["output"])
+
+
+def test_table_counts_accuracy_and_kept_needles():
+    result = {"task": "niah", "accuracy": {"16000": 0.5}, "cases": [
+        {"target_tokens": 16000, "needle_chunk": 3, "needle_kept": True},
+        {"target_tokens": 16000, "needle_chunk": 9, "needle_kept": False}]}
+    assert "| 16000 | 50% | 1/2 |" in format_table(result)
+
+
+def test_cli_writes_json_and_table(tmp_path, capsys, monkeypatch):
+    from _tiny_pipeline import tiny_pc
+
+    from parallelcomp_triton.pipeline import ParallelComp
+
+    monkeypatch.setattr(ParallelComp, "from_pretrained", classmethod(lambda cls, *a, **k: tiny_pc(layers=2)))
+    out = tmp_path / "pk.json"
+    code = main(["passkey", "--lengths", "600", "--depths", "0.2,0.7", "--chunk-tokens", "150",
+                 "--kv-budget", "32", "--max-new-tokens", "2", "--backend", "torch", "--json", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    result = json.loads(out.read_text())
+    assert [c["depth"] for c in result["cases"]] == [0.2, 0.7]
+    assert all(c["chunks"] == 4 and len(c["kept_chunks"]) == 3 for c in result["cases"])
+    assert result["config"]["chunk_tokens"] == 150
+    assert "| 600 |" in captured.out
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["passkey", "--lengths", "50"], "--lengths"),
+    (["niah", "--depths", "1.5"], "--depths"),
+    (["passkey", "--lengths", "x"], "comma-separated"),
+    (["passkey", "--kv-budget", "0"], "kv_budget"),
+])
+def test_cli_bad_input_one_line_exit_2(capsys, args, expect):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expect in err[0]
