@@ -60,14 +60,20 @@ class ParallelCompConfig:
     template: str = "plain"
     instruction: str = ""  # task text placed before the document, inside the shared prefix
     prompt: str | None = None  # a full template; overrides `template` and `instruction` when given
-    # Chunking. chunk_tokens None: as large as the trained window allows after prefix, question and answer.
-    chunk_tokens: int | None = None
+    # Chunking. 1024 document tokens per chunk: on the bundled 135M model, chunks far below its 8K window
+    # retrieve better and prefill faster (BENCHMARKS.md, "Choosing the defaults"). None: as large as the
+    # trained window allows after prefix, question and answer (the paper's setting, for larger models).
+    chunk_tokens: int | None = 1024
+    # Move each chunk boundary (by at most chunk_tokens / 8) to the nearest sentence or line end, so that
+    # no chunk cuts a sentence, such as the one holding the answer, in two.
+    snap_to_sentences: bool = True
     window: int | None = None  # trained window; None: the model's max_position_embeddings
     batch_chunks: int = 4
     # Chunk eviction: keep the K chunks with the lowest question NLL.
     keep_chunks: int = 3
-    # Parallel KV-cache eviction: B context tokens per chunk, layer and KV head (None: keep all).
-    kv_budget: int | None = 1024
+    # Parallel KV-cache eviction: B context tokens per chunk, layer and KV head (None: keep all). 512 of
+    # 1024: half the cache at no measured loss of retrieval (BENCHMARKS.md budget sweep).
+    kv_budget: int | None = 512
     score_window: int = 8
     pool_kernel: int = 7
     gqa_reduce: str = "max"

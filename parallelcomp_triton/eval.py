@@ -16,7 +16,7 @@ import time
 
 from .config import MODES, TEMPLATES, Calibration, ParallelCompConfig
 from .errors import ParallelCompError
-from .run import _budget, _Parser
+from .run import _budget, _chunk_tokens, _Parser
 from .tasks import niah_case, passkey_case
 
 TASKS = {"passkey": passkey_case, "niah": niah_case}
@@ -88,7 +88,8 @@ def main(argv=None) -> int:
     p.add_argument("--template", choices=TEMPLATES, default=ParallelCompConfig.template)
     p.add_argument("--keep-chunks", type=int, default=ParallelCompConfig.keep_chunks)
     p.add_argument("--kv-budget", type=_budget, default=ParallelCompConfig.kv_budget)
-    p.add_argument("--chunk-tokens", type=int, default=None)
+    p.add_argument("--chunk-tokens", type=_chunk_tokens, default=ParallelCompConfig.chunk_tokens,
+                   help="document tokens per chunk, or 'max' (as many as the window allows)")
     p.add_argument("--batch-chunks", type=int, default=ParallelCompConfig.batch_chunks)
     p.add_argument("--calibrate", default=None)
     p.add_argument("--max-new-tokens", type=int, default=12)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import ParallelCompError
-from .run import _budget, _Parser, cli_main, read_document
+from .run import _budget, _chunk_tokens, _Parser, cli_main, read_document
 
 PROFILE_BINS = 20
 SHAPE_RATIO = 1.5  # an end "stands out" when its bins average 1.5x the middle's
@@ -370,7 +370,8 @@ def build_parser():
     p.add_argument("--question", required=True)
     p.add_argument("--out", required=True, help="picture file (.png, .pdf or .svg)")
     p.add_argument("--model", default=None, help="Hugging Face Llama directory (default: bundled SmolLM2-135M)")
-    p.add_argument("--chunk-tokens", type=int, default=None)
+    p.add_argument("--chunk-tokens", type=_chunk_tokens, default=ParallelCompConfig.chunk_tokens,
+                   help="document tokens per chunk, or 'max' (as many as the window allows)")
     p.add_argument("--kv-budget", type=_budget, default=d.kv_budget)
     p.add_argument("--keep-chunks", type=int, default=d.keep_chunks)
     p.add_argument("--calibrate", default=None, metavar="REGION:I-J:TAU")

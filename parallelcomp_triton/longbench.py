@@ -30,7 +30,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from .errors import ParallelCompError
-from .run import _budget, _Parser, cli_main, read_input_bytes
+from .run import _budget, _chunk_tokens, _Parser, cli_main, read_input_bytes
 
 
 @dataclass(frozen=True)
@@ -382,7 +382,8 @@ def build_parser():
                    help="auto: the chat template where LongBench uses one (default)")
     p.add_argument("--keep-chunks", type=int, default=d.keep_chunks)
     p.add_argument("--kv-budget", type=_budget, default=d.kv_budget)
-    p.add_argument("--chunk-tokens", type=int, default=None)
+    p.add_argument("--chunk-tokens", type=_chunk_tokens, default=ParallelCompConfig.chunk_tokens,
+                   help="document tokens per chunk, or 'max' (as many as the window allows)")
     p.add_argument("--window", type=int, default=None)
     p.add_argument("--batch-chunks", type=int, default=d.batch_chunks)
     p.add_argument("--score-window", type=int, default=d.score_window)

@@ -26,7 +26,8 @@ from .kernels.chunk_attention import chunk_attention
 from .kernels.decode_attention import decode_attention
 from .kernels.select_kv import gather_kv, select_kv
 from .loading import load_model, parse_dtype, resolve_model_dir
-from .prompt import PromptTokens, resolve_template, split_even, tokenize_prompt, truncate_middle
+from .prompt import (PromptTokens, resolve_template, sentence_ends, snap_spans, split_even, tokenize_prompt,
+                     truncate_middle)
 
 
 @dataclass
@@ -176,6 +177,9 @@ class ParallelComp:
                 raise ParallelCompError(f"chunk_tokens {chunk_tokens}: a chunk plus prompt and answer must fit the "
                                         f"{window}-token window (at most {room} here)")
             spans = split_even(len(toks.document), chunk_tokens)
+            if cfg.snap_to_sentences and len(spans) > 1:
+                spans = snap_spans(spans, sentence_ends(self.tokenizer, toks.document),
+                                   slack=max(1, chunk_tokens // 8), limit=room)
             keep, budget, append_question = cfg.keep_chunks, cfg.kv_budget, True
         else:
             doc = toks.document if cfg.mode == "full" else truncate_middle(toks.document, room)

@@ -70,6 +70,44 @@ def split_even(n: int, size: int) -> list[tuple[int, int]]:
     return spans
 
 
+_SENTENCE_ENDS = (".", "!", "?", "\n", ";", ":")
+
+
+def sentence_ends(tokenizer, ids: list[int]) -> list[int]:
+    """Sorted positions p such that token p ends a sentence or a line (its text, stripped of trailing
+    spaces, ends with . ! ? ; : or a newline)."""
+    unique = sorted(set(ids))
+    texts = tokenizer.batch_decode([[i] for i in unique], skip_special_tokens=False)
+    ends = {i for i, t in zip(unique, texts) if t.rstrip(" ").endswith(_SENTENCE_ENDS)}
+    return [p for p, i in enumerate(ids) if i in ends]
+
+
+def snap_spans(spans: list[tuple[int, int]], breaks: list[int], slack: int, limit: int) -> list[tuple[int, int]]:
+    """Move each inner boundary of `spans` to just after the nearest position in `breaks` (sorted) within
+    `slack` tokens, so that chunks do not cut a sentence in two (a needle cut in two is scored by neither
+    half). Every span stays non-empty and at most `limit` long; a boundary with no such break stays put."""
+    import bisect
+
+    n, count = spans[-1][1], len(spans)
+    cuts, prev = [], 0
+    for c, (_, ideal) in enumerate(spans[:-1]):
+        left = count - c - 1  # spans after this boundary, each at most `limit`
+        lo = max(ideal - slack, prev + 1, n - left * limit)
+        hi = min(ideal + slack, prev + limit, n - left)
+        best = ideal if lo <= ideal <= hi else min(max(ideal, lo), hi)
+        j = bisect.bisect_left(breaks, lo - 1)
+        candidates = []
+        while j < len(breaks) and breaks[j] + 1 <= hi:
+            candidates.append(breaks[j] + 1)
+            j += 1
+        if candidates:
+            best = min(candidates, key=lambda b: (abs(b - ideal), b))
+        cuts.append(best)
+        prev = best
+    bounds = [0] + cuts + [n]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
 def truncate_middle(ids: list[int], keep: int) -> list[int]:
     """Keep the head and the tail of `ids` that fit in `keep` tokens."""
     if len(ids) <= keep:

@@ -35,6 +35,16 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def _chunk_tokens(value: str):
+    """An integer, or 'max': chunks as large as the trained window allows."""
+    if value.lower() == "max":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'max', got {value!r}") from None
+
+
 def _budget(value: str):
     if value.lower() == "none":
         return None
@@ -64,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-budget", type=_budget, default=d.kv_budget,
                    help="B: KV tokens kept per chunk, layer and KV head, or 'none'")
     p.add_argument("--window", type=int, default=None, help="trained window (default: the model's)")
-    p.add_argument("--chunk-tokens", type=int, default=d.chunk_tokens, help="document tokens per chunk")
+    p.add_argument("--chunk-tokens", type=_chunk_tokens, default=d.chunk_tokens,
+                   help=f"document tokens per chunk (default {d.chunk_tokens}), or 'max': as many as the window allows")
     p.add_argument("--batch-chunks", type=int, default=d.batch_chunks, help="chunks prefilled together")
     p.add_argument("--score-window", type=int, default=d.score_window, help="w: question rows that score keys")
     p.add_argument("--calibrate", default=None, metavar="REGION:I-J:TAU", help="e.g. sink:3-6:0.1")
@@ -193,10 +204,7 @@ def _config(args) -> ParallelCompConfig:
     if args.demo:
         from .tasks import PASSKEY_INSTRUCTION
 
-        # The passkey task's own instruction, and chunks of 1200 tokens: the setting that retrieved 3/3
-        # depths at 10K tokens on SmolLM2-135M (BENCHMARKS.md).
-        instruction = instruction or PASSKEY_INSTRUCTION
-        chunk_tokens = chunk_tokens or 1200
+        instruction = instruction or PASSKEY_INSTRUCTION  # the passkey task's own instruction
     cfg = ParallelCompConfig(mode=args.mode, template=args.template, chunk_tokens=chunk_tokens,
                              instruction=instruction,
                              window=args.window, batch_chunks=args.batch_chunks, keep_chunks=args.keep_chunks,

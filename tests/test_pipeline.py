@@ -7,7 +7,7 @@ import torch
 import parallelcomp_triton.pipeline as pipeline_mod
 from parallelcomp_triton import Calibration, ParallelCompConfig, ParallelCompError
 from parallelcomp_triton.kernels.chunk_attention import chunk_attention_reference
-from parallelcomp_triton.prompt import split_even
+from parallelcomp_triton.prompt import snap_spans, split_even
 from _tiny_pipeline import tiny_pc
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
@@ -32,6 +32,41 @@ def test_split_even_covers_and_balances():
             assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
             lengths = [e - s for s, e in spans]
             assert len(spans) == -(-n // size) and max(lengths) - min(lengths) <= 1 and max(lengths) <= size
+
+
+def test_snap_spans_keeps_every_chunk_bounded_and_near_its_even_boundary():
+    rng = random.Random(0)
+    for _ in range(2000):
+        n = rng.randint(2, 400)
+        size = rng.randint(1, n)
+        limit = size + rng.randint(0, 5)
+        spans = split_even(n, size)
+        breaks = sorted(rng.sample(range(n), rng.randint(0, n)))
+        slack = rng.randint(1, 20)
+        out = snap_spans(spans, breaks, slack, limit)
+        assert len(out) == len(spans) and out[0][0] == 0 and out[-1][1] == n
+        assert all(a[1] == b[0] for a, b in zip(out, out[1:]))
+        assert all(0 < e - s <= limit for s, e in out)
+        for c, ((prev, cut), (_, ideal)) in enumerate(zip(out[:-1], spans[:-1])):
+            assert abs(cut - ideal) <= slack
+            left = len(spans) - c - 1
+            feasible = [b + 1 for b in breaks if abs(b + 1 - ideal) <= slack and 0 < b + 1 - prev <= limit
+                        and left <= n - b - 1 <= left * limit]
+            if feasible:  # snapped to the nearest break it could reach
+                assert cut - 1 in breaks and abs(cut - ideal) == min(abs(b - ideal) for b in feasible)
+
+
+def test_chunks_do_not_cut_a_sentence(pc):
+    # Even split of 400 bytes into 4: the cut at 200 falls inside the "needle" sentence.
+    filler = "abcdefghij" * 30
+    doc = filler[:190] + ". The key is 4242." + filler[:192]
+    for snap, whole in ((True, True), (False, False)):
+        cfg = ParallelCompConfig(chunk_tokens=100, keep_chunks=4, kv_budget=None, max_new_tokens=1,
+                                 snap_to_sentences=snap)
+        spans = pc.generate(doc, "Key?", config=cfg).stats["chunk_spans"]
+        at = doc.index("The key")
+        assert any(s <= at and at + len("The key is 4242.") <= e for s, e in spans) == whole
+        assert [e - s for s, e in spans] != [] and max(e - s for s, e in spans) <= 100 + 100 // 8
 
 
 @pytest.mark.parametrize("keep,budget,batch", [(1, 16, 2), (2, None, 3), (3, 40, 1), (2, 7, 4)])
