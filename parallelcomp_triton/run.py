@@ -35,23 +35,21 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _chunk_tokens(value: str):
-    """An integer, or 'max': chunks as large as the trained window allows."""
-    if value.lower() == "max":
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or 'max', got {value!r}") from None
+def _int_or_none(word: str):
+    """An argparse type: an integer, or `word` (any case) meaning None."""
+    def parse(value: str):
+        if value.lower() == word:
+            return None
+        try:
+            return int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer or {word!r}, got {value!r}") from None
+
+    return parse
 
 
-def _budget(value: str):
-    if value.lower() == "none":
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or 'none', got {value!r}") from None
+_chunk_tokens = _int_or_none("max")  # 'max': chunks as large as the trained window allows
+_budget = _int_or_none("none")  # 'none': keep every KV token
 
 
 def build_parser() -> argparse.ArgumentParser:
