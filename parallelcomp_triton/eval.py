@@ -45,8 +45,8 @@ def evaluate(pc, task: str, lengths, depths, config: ParallelCompConfig, questio
             needle_chunk = _needle_chunk(pc.tokenizer, case, res.stats.get("chunk_spans") or [])
             row = {"tokens": case.tokens, "target_tokens": n, "depth": depth, "answer": case.answer,
                    "output": res.text, "correct": ok, "seconds": round(time.perf_counter() - t, 2),
-                   "kept_chunks": res.stats.get("kept_chunks"), "needle_chunk": needle_chunk,
-                   "needle_kept": needle_chunk in (res.stats.get("kept_chunks") or []), "chunks": len(res.stats.get("chunk_spans", [])),
+                   "chunks": len(res.stats.get("chunk_spans", [])), "kept_chunks": res.stats.get("kept_chunks"),
+                   "needle_chunk": needle_chunk, "needle_kept": needle_chunk in (res.stats.get("kept_chunks") or []),
                    "kv_tokens_after": res.stats.get("kv_tokens_per_layer_after"),
                    "kv_cache_bytes": res.stats.get("kv_cache_bytes"),
                    "peak_memory_bytes": res.stats.get("peak_memory_bytes")}

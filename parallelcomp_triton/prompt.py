@@ -7,6 +7,7 @@ and to select its KV) and re-encoded once over the merged cache.
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 from .errors import ParallelCompError
@@ -85,9 +86,8 @@ def sentence_ends(tokenizer, ids: list[int]) -> list[int]:
 def snap_spans(spans: list[tuple[int, int]], breaks: list[int], slack: int, limit: int) -> list[tuple[int, int]]:
     """Move each inner boundary of `spans` to just after the nearest position in `breaks` (sorted) within
     `slack` tokens, so that chunks do not cut a sentence in two (a needle cut in two is scored by neither
-    half). Every span stays non-empty and at most `limit` long; a boundary with no such break stays put."""
-    import bisect
-
+    half). Every span stays non-empty and at most `limit` long; a boundary with no reachable break stays
+    where it was (or as near as the limit allows)."""
     n, count = spans[-1][1], len(spans)
     cuts, prev = [], 0
     for c, (_, ideal) in enumerate(spans[:-1]):

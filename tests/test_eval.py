@@ -66,3 +66,30 @@ def test_cli_bad_input_one_line_exit_2(capsys, args, expect):
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and expect in err[0]
+
+
+def test_budget_sweep_reports_each_point(tmp_path, capsys, monkeypatch):
+    import importlib.util
+    import pathlib
+    import sys
+
+    from _tiny_pipeline import tiny_pc
+
+    from parallelcomp_triton.pipeline import ParallelComp
+
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "budget_sweep.py"
+    spec = importlib.util.spec_from_file_location("budget_sweep", path)
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    monkeypatch.setattr(ParallelComp, "from_pretrained", classmethod(lambda cls, *a, **k: tiny_pc(layers=2)))
+    out = tmp_path / "budget.json"
+    monkeypatch.setattr(sys, "argv", ["budget_sweep.py", "--task", "passkey", "--tokens", "2500", "--depths", "0.5",
+                                      "--budgets", "16,none", "--keeps", "1,2", "--out", str(out)])
+    assert sweep.main() == 0
+    rows = json.loads(out.read_text())["rows"]
+    default = ParallelCompConfig()
+    assert [(r["kv_budget"], r["keep_chunks"]) for r in rows] == [
+        (16, default.keep_chunks), (None, default.keep_chunks), (default.kv_budget, 1), (default.kv_budget, 2)]
+    kv = {(r["kv_budget"], r["keep_chunks"]): r["merged_kv_bytes"] for r in rows}
+    assert kv[(16, 3)] < kv[(None, 3)] and kv[(default.kv_budget, 1)] < kv[(default.kv_budget, 2)]
+    assert "| all | 3 |" in capsys.readouterr().out
