@@ -18,13 +18,10 @@ import sys
 import time
 
 
-def _budget(s: str):
-    return None if s.strip().lower() == "none" else int(s)
-
-
 def main() -> int:
     from parallelcomp_triton import ParallelComp, ParallelCompConfig
     from parallelcomp_triton.eval import evaluate
+    from parallelcomp_triton.run import _budget
 
     d = ParallelCompConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -36,7 +33,7 @@ def main() -> int:
     p.add_argument("--out", default="results/budget.json")
     args = p.parse_args()
     depths = [float(x) for x in args.depths.split(",")]
-    points = [(_budget(b), d.keep_chunks) for b in args.budgets.split(",")]
+    points = [(_budget(b.strip()), d.keep_chunks) for b in args.budgets.split(",")]
     points += [(d.kv_budget, int(k)) for k in args.keeps.split(",")]
     points = list(dict.fromkeys(points))
 
