@@ -72,7 +72,7 @@ class ParallelCompConfig:
     # Chunk eviction: keep the K chunks with the lowest question NLL.
     keep_chunks: int = 3
     # Parallel KV-cache eviction: B context tokens per chunk, layer and KV head (None: keep all). 512 of
-    # 1024: half the cache at no measured loss of retrieval (BENCHMARKS.md budget sweep).
+    # 1024: same chunks and answers as keeping all on NIAH at 16K (BENCHMARKS.md, "Choosing the defaults").
     kv_budget: int | None = 512
     score_window: int = 8
     pool_kernel: int = 7

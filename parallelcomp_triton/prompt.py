@@ -94,7 +94,7 @@ def snap_spans(spans: list[tuple[int, int]], breaks: list[int], slack: int, limi
         left = count - c - 1  # spans after this boundary, each at most `limit`
         lo = max(ideal - slack, prev + 1, n - left * limit)
         hi = min(ideal + slack, prev + limit, n - left)
-        best = ideal if lo <= ideal <= hi else min(max(ideal, lo), hi)
+        best = min(max(ideal, lo), hi)  # the even cut, or as near as the bounds allow
         j = bisect.bisect_left(breaks, lo - 1)
         candidates = []
         while j < len(breaks) and breaks[j] + 1 <= hi:

@@ -31,6 +31,17 @@ def test_needle_chunk_is_the_chunk_that_holds_the_key(pc, depth):
     assert row["kv_cache_bytes"] > 0 and row["correct"] == (case.answer in row["output"])
 
 
+@pytest.mark.parametrize("at,expected", [(0, 0), (199, 0), (200, 1), (399, 1)])
+def test_needle_chunk_at_span_edges(pc, at, expected):
+    from parallelcomp_triton.eval import _needle_chunk
+    from parallelcomp_triton.tasks import RetrievalCase
+
+    context = "x" * at + "98765" + "y" * (400 - at)  # the byte tokenizer: one token per byte
+    case = RetrievalCase(context, "key?", "98765", len(context), 0.5)
+    assert _needle_chunk(pc.tokenizer, case, [(0, 200), (200, 405)]) == expected
+    assert _needle_chunk(pc.tokenizer, case, [(0, 405)]) is None  # one chunk: nothing to evict
+
+
 def test_table_counts_accuracy_and_kept_needles():
     result = {"task": "niah", "accuracy": {"16000": 0.5}, "cases": [
         {"target_tokens": 16000, "needle_chunk": 3, "needle_kept": True},
