@@ -31,6 +31,13 @@ def _needle_chunk(tokenizer, case, spans) -> int | None:
     return next((i for i, (s, e) in enumerate(spans) if s <= tok < e), None)
 
 
+def _nll_rank(nll, chunk) -> int | None:
+    """1-based rank of `chunk` by NLL among all chunks (1: lowest); the needle is kept iff rank <= K."""
+    if chunk is None or not nll:
+        return None
+    return 1 + sum(v < nll[chunk] for v in nll)
+
+
 def evaluate(pc, task: str, lengths, depths, config: ParallelCompConfig, question: str = "cue", seed: int = 0,
              log=None) -> dict:
     make = TASKS[task]
@@ -47,12 +54,14 @@ def evaluate(pc, task: str, lengths, depths, config: ParallelCompConfig, questio
                    "output": res.text, "correct": ok, "seconds": round(time.perf_counter() - t, 2),
                    "chunks": len(res.stats.get("chunk_spans", [])), "kept_chunks": res.stats.get("kept_chunks"),
                    "needle_chunk": needle_chunk, "needle_kept": needle_chunk in (res.stats.get("kept_chunks") or []),
+                   "needle_rank": _nll_rank(res.stats.get("chunk_nll_all"), needle_chunk),
                    "kv_tokens_after": res.stats.get("kv_tokens_per_layer_after"),
                    "kv_cache_bytes": res.stats.get("kv_cache_bytes"),
                    "peak_memory_bytes": res.stats.get("peak_memory_bytes")}
             rows.append(row)
             if log:
-                kept = "" if needle_chunk is None else f", needle chunk {'kept' if row['needle_kept'] else 'evicted'}"
+                kept = "" if needle_chunk is None else (f", needle chunk {'kept' if row['needle_kept'] else 'evicted'}"
+                                                        f" (NLL rank {row['needle_rank']})")
                 log(f"{task} {n:>7} depth {depth:.2f}: {'ok ' if ok else 'MISS'} {res.text.strip()[:40]!r} "
                     f"({row['seconds']} s{kept})")
     acc = {}

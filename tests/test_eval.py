@@ -28,6 +28,7 @@ def test_needle_chunk_is_the_chunk_that_holds_the_key(pc, depth):
     s, e = spans[row["needle_chunk"]]
     assert s <= at < e
     assert row["needle_kept"] == (row["needle_chunk"] in row["kept_chunks"])
+    assert row["needle_kept"] == (row["needle_rank"] <= cfg.keep_chunks)  # kept = the K lowest NLL
     assert row["kv_cache_bytes"] > 0 and row["correct"] == (case.answer in row["output"])
 
 
