@@ -50,10 +50,10 @@ def main() -> int:
         rows.append(row)
         print(f"B={budget} K={keep}: {100 * acc:.0f}%  KV {row['merged_kv_bytes'] / 2**20:.1f} MiB  "
               f"{row['seconds_per_case']:.1f} s/case", file=sys.stderr, flush=True)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"task": args.task, "tokens": args.tokens, "depths": depths,
-                   "config": dataclasses.asdict(ParallelCompConfig()), "rows": rows}, f, indent=1)
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as f:  # after every point: a long sweep stopped early keeps what it measured
+            json.dump({"task": args.task, "tokens": args.tokens, "depths": depths,
+                       "config": dataclasses.asdict(ParallelCompConfig()), "rows": rows}, f, indent=1)
     print(f"| {args.task} {args.tokens} tokens: B (per chunk, layer, KV head) | K | accuracy | merged KV MiB | s/case |")
     print("|---:|---:|---:|---:|---:|")
     for r in rows:

@@ -58,7 +58,7 @@ def run_one(method: str, tokens: int, max_new: int) -> dict:
     doc = essay_text(pc.tokenizer, tokens)
     out = {"method": method, "tokens": tokens}
     if method in ("parallelcomp", "truncate"):
-        cfg = ParallelCompConfig(mode=method, max_new_tokens=max_new)
+        cfg = ParallelCompConfig(mode=method, max_new_tokens=max_new, ignore_eos=True)  # fixed decode steps
         res = pc.generate(doc, QUESTION, config=cfg)
         st = res.stats
         out.update(prefill_s=st["time_prefill_s"], question_s=st["time_question_s"],

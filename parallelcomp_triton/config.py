@@ -83,6 +83,7 @@ class ParallelCompConfig:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    ignore_eos: bool = False  # decode exactly max_new_tokens (benchmarks time decoding even if EOS comes first)
     stop_strings: tuple[str, ...] = field(default_factory=tuple)
 
     def check(self) -> None:

@@ -426,7 +426,7 @@ class ParallelComp:
             for _ in range(batch):
                 generators.append(torch.Generator(device=device))
                 generators[-1].manual_seed(cfg.seed if cfg.seed is not None else 0)
-        eos = self.eos_ids()
+        eos = set() if cfg.ignore_eos else self.eos_ids()
         outs: list[list[int]] = [[] for _ in range(batch)]
         seqs = list(range(batch))  # cache row i decodes sequence seqs[i]
         rows = torch.arange(batch, device=device)

@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=d.temperature)
     p.add_argument("--top-p", type=float, default=d.top_p)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--ignore-eos", action="store_true", help="decode exactly --max-new-tokens tokens")
     p.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -208,7 +209,7 @@ def _config(args) -> ParallelCompConfig:
                              window=args.window, batch_chunks=args.batch_chunks, keep_chunks=args.keep_chunks,
                              kv_budget=args.kv_budget, score_window=args.score_window, calibration=calibration,
                              max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                             seed=args.seed)
+                             seed=args.seed, ignore_eos=args.ignore_eos)
     cfg.check()
     return cfg
 

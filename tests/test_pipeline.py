@@ -198,3 +198,14 @@ def test_sampling_is_seeded(pc):
     a = pc.generate(doc, "Say something.", config=cfg).token_ids
     b = pc.generate(doc, "Say something.", config=cfg).token_ids
     assert a == b
+
+
+def test_ignore_eos_decodes_exactly_max_new_tokens(pc, monkeypatch):
+    # Every token counts as EOS: decoding stops after one step, unless EOS is ignored.
+    monkeypatch.setattr(type(pc), "eos_ids", lambda self: set(range(self.args.vocab_size)))
+    doc = document(120, seed=3)
+    cfg = ParallelCompConfig(chunk_tokens=60, max_new_tokens=5)
+    assert pc.generate(doc, "Say something.", config=cfg).token_ids == []
+    res = pc.generate(doc, "Say something.", config=ParallelCompConfig(chunk_tokens=60, max_new_tokens=5,
+                                                                      ignore_eos=True))
+    assert len(res.token_ids) == 5 and res.stats["new_tokens"] == 5
