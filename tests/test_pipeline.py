@@ -99,6 +99,25 @@ def test_chunk_eviction_merge_and_positions(pc, keep, budget, batch):
                 assert (layer_pos[:, 1:] > layer_pos[:, :-1]).all()  # ascending, distinct
 
 
+@pytest.mark.parametrize("batch,budget", [(1, None), (3, 16), (4, None)])
+def test_packed_chunk_nll_equals_plain_causal_nll(pc, batch, budget):
+    # Chunk ranking rests on these numbers: each chunk of a packed varlen batch (unequal lengths) must score
+    # the question's mean NLL exactly as one plain causal pass over prefix + chunk + question does.
+    cfg = ParallelCompConfig(chunk_tokens=61, keep_chunks=2, kv_budget=budget, batch_chunks=batch,
+                             max_new_tokens=2, instruction="Read this.")
+    doc, question = document(160, seed=5), "Which word comes first?"
+    res = pc.generate(doc, question, config=cfg)
+    toks = pc.prepare(cfg, doc, question).toks
+    spans = res.stats["chunk_spans"]
+    assert len(spans) >= 5 and len({e - s for s, e in spans}) > 1 and toks.prefix
+    for (s, e), packed in zip(spans, res.stats["chunk_nll_all"]):
+        ids = toks.prefix + toks.document[s:e] + toks.suffix
+        logits = pc.model.logits(torch.tensor([ids]))[0]
+        q0 = len(ids) - len(toks.suffix)  # logits row q0 - 1 predicts the first question token
+        expected = torch.nn.functional.cross_entropy(logits[q0 - 1:-1], torch.tensor(toks.suffix)).item()
+        assert packed == pytest.approx(expected, rel=1e-4, abs=1e-5)
+
+
 def test_single_chunk_equals_plain_causal_greedy(pc):
     """One chunk, K = 1, no eviction: the question pass over the cache equals one causal pass over the
     whole prompt, so greedy tokens equal a naive greedy loop on the full prompt."""
