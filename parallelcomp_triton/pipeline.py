@@ -110,6 +110,20 @@ class ParallelComp:
         return self._generate_documents(cfg, [doc], progress, observer)[0]
 
     @torch.no_grad()
+    def generate_from_chunks(self, context: str, question: str, chunks: list[int],
+                             config: ParallelCompConfig | None = None) -> GenerationResult:
+        """Answer as if chunk eviction had kept exactly `chunks` (indices into the document's split): only
+        those are encoded. Chunk eviction does not depend on the KV budget (each chunk's NLL comes from full
+        attention inside it), so this replays a run under another B at the cost of K chunks."""
+        cfg = self.resolve_config(config, None)
+        doc = self.prepare(cfg, context, question)
+        if cfg.mode != "parallelcomp" or not chunks or not all(0 <= c < len(doc.spans) for c in chunks):
+            raise ParallelCompError(f"chunks {chunks}: expected indices into the {len(doc.spans)} chunks "
+                                    "of mode 'parallelcomp'")
+        doc.spans, doc.nll = [doc.spans[c] for c in chunks], [None] * len(chunks)
+        return self._generate_documents(cfg, [doc], False, None)[0]
+
+    @torch.no_grad()
     def generate_batch(self, pairs, max_new_tokens: int | None = None, config: ParallelCompConfig | None = None,
                        progress: bool = False, return_errors: bool = False) -> list:
         """Answer many (context, question) pairs together; result i equals ``generate(*pairs[i])``.

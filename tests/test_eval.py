@@ -105,3 +105,37 @@ def test_budget_sweep_reports_each_point(tmp_path, capsys, monkeypatch):
     kv = {(r["kv_budget"], r["keep_chunks"]): r["merged_kv_bytes"] for r in rows}
     assert kv[(16, 3)] < kv[(None, 3)] and kv[(default.kv_budget, 1)] < kv[(default.kv_budget, 2)]
     assert "| all | 3 |" in capsys.readouterr().out
+
+
+def test_budget_replay_reproduces_the_run_at_its_own_budget(tmp_path, capsys, monkeypatch):
+    import dataclasses
+    import importlib.util
+    import pathlib
+    import sys
+
+    from _tiny_pipeline import tiny_pc
+
+    from parallelcomp_triton.pipeline import ParallelComp
+
+    pc = tiny_pc(layers=2)
+    cfg = ParallelCompConfig(chunk_tokens=300, keep_chunks=2, kv_budget=16, max_new_tokens=4)
+    run = evaluate(pc, "passkey", [1500], [0.3, 0.8], cfg)
+    run["config"] = dataclasses.asdict(cfg)
+    src = tmp_path / "run.json"
+    src.write_text(json.dumps(run))
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "budget_replay.py"
+    spec = importlib.util.spec_from_file_location("budget_replay", path)
+    replay = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(replay)
+    monkeypatch.setattr(ParallelComp, "from_pretrained", classmethod(lambda cls, *a, **k: pc))
+    out = tmp_path / "replay.json"
+    monkeypatch.setattr(sys, "argv", ["budget_replay.py", str(src), "--budgets", "16,none", "--out", str(out)])
+    assert replay.main() == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["depth"], r["kv_budget"]) for r in rows] == [(0.3, 16), (0.3, None), (0.8, 16), (0.8, None)]
+    for case in run["cases"]:
+        same, full = [r for r in rows if r["depth"] == case["depth"]]
+        # Encoding only the kept chunks at the run's own B gives the run's answer and merged length.
+        assert same["output"] == case["output"] and same["kv_tokens_after"] == case["kv_tokens_after"]
+        assert full["kv_tokens_after"] > same["kv_tokens_after"]
+    assert "| passkey | 1500 | all |" in capsys.readouterr().out

@@ -228,3 +228,15 @@ def test_ignore_eos_decodes_exactly_max_new_tokens(pc, monkeypatch):
     res = pc.generate(doc, "Say something.", config=ParallelCompConfig(chunk_tokens=60, max_new_tokens=5,
                                                                       ignore_eos=True))
     assert len(res.token_ids) == 5 and res.stats["new_tokens"] == 5
+
+
+def test_generate_from_chunks_equals_the_run_that_kept_them(pc):
+    cfg = ParallelCompConfig(chunk_tokens=50, keep_chunks=2, kv_budget=12, max_new_tokens=4)
+    doc, question = document(150, seed=9), "Which word comes last?"
+    run = pc.generate(doc, question, config=cfg)
+    replay = pc.generate_from_chunks(doc, question, run.stats["kept_chunks"], config=cfg)
+    assert replay.token_ids == run.token_ids
+    assert replay.stats["kv_tokens_per_layer_after"] == run.stats["kv_tokens_per_layer_after"]
+    for bad in ([], [len(run.stats["chunk_spans"])], [-1]):
+        with pytest.raises(ParallelCompError, match="chunks"):
+            pc.generate_from_chunks(doc, question, bad, config=cfg)

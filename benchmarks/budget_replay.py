@@ -1,0 +1,75 @@
+"""Replay retrieval cases with other KV budgets, at the chunks the original run kept.
+
+    python benchmarks/budget_replay.py benchmarks/results/acc_niah_128k.json --budgets 768,none
+
+Chunk eviction does not depend on B: each chunk's question NLL comes from the full attention inside the
+chunk, before any KV is dropped. So the answer a run would give with another B can be had by encoding
+only the K chunks it kept (same spans, same positions, same prefix and question) and letting KV eviction
+keep B of each. This costs K chunks instead of the whole document: seconds instead of minutes at 128K.
+Prints one line per case and budget and a summary table; never asserts timings.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+
+def main() -> int:
+    from parallelcomp_triton import ParallelComp, ParallelCompConfig
+    from parallelcomp_triton.eval import TASKS
+    from parallelcomp_triton.run import _budget
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("results", nargs="+", help="JSON written by `python -m parallelcomp_triton.eval --json`")
+    p.add_argument("--budgets", default="768,none", help="B values to replay; 'none' keeps all")
+    p.add_argument("--out", default="results/budget_replay.json")
+    args = p.parse_args()
+    budgets = [_budget(b.strip()) for b in args.budgets.split(",")]
+    pc = ParallelComp.from_pretrained(None)
+    rows = []
+    for path in args.results:
+        result = json.load(open(path))
+        base = ParallelCompConfig(**{k: v for k, v in result["config"].items()
+                                     if k in ("chunk_tokens", "snap_to_sentences", "keep_chunks", "max_new_tokens")})
+        for case_row in result["cases"]:
+            kept = case_row.get("kept_chunks")
+            if not kept:
+                continue
+            case = TASKS[result["task"]](pc.tokenizer, case_row["target_tokens"], depth=case_row["depth"],
+                                         question=result.get("question", "cue"))
+            assert case.answer == case_row["answer"], "the case generator changed since the run"
+            for budget in budgets:
+                cfg = dataclasses.replace(base, kv_budget=budget, instruction=case.instruction)
+                t = time.perf_counter()
+                assert len(pc.prepare(cfg, case.context, case.question).spans) == case_row["chunks"], \
+                    "the chunking changed since the run"
+                res = pc.generate_from_chunks(case.context, case.question, kept, config=cfg)
+                row = {"task": result["task"], "tokens": case_row["target_tokens"], "depth": case_row["depth"],
+                       "kv_budget": budget, "kept_chunks": kept, "answer": case.answer, "output": res.text,
+                       "correct": case.answer in res.text, "original_correct": case_row["correct"],
+                       "original_kv_budget": result["config"].get("kv_budget"),
+                       "kv_tokens_after": res.stats["kv_tokens_per_layer_after"],
+                       "seconds": round(time.perf_counter() - t, 2)}
+                rows.append(row)
+                print(f"{row['task']} {row['tokens']:>7} depth {row['depth']:.2f} B={budget}: "
+                      f"{'ok ' if row['correct'] else 'MISS'} {res.text.strip()[:30]!r} (was "
+                      f"{'ok' if row['original_correct'] else 'MISS'} at B={row['original_kv_budget']})",
+                      file=sys.stderr, flush=True)
+                os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+                with open(args.out, "w") as f:
+                    json.dump({"budgets": budgets, "rows": rows}, f, indent=1)
+    print("| task | tokens | B | found (replayed at the originally kept chunks) | merged KV tokens per layer |")
+    print("|---|---:|---:|---:|---:|")
+    for key in dict.fromkeys((r["task"], r["tokens"], r["kv_budget"]) for r in rows):
+        sel = [r for r in rows if (r["task"], r["tokens"], r["kv_budget"]) == key]
+        print(f"| {key[0]} | {key[1]} | {key[2] if key[2] is not None else 'all'} | "
+              f"{sum(r['correct'] for r in sel)}/{len(sel)} | {max(r['kv_tokens_after'] for r in sel)} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
