@@ -1,12 +1,13 @@
-"""Replay retrieval cases with other KV budgets, at the chunks the original run kept.
+"""Replay retrieval cases with other KV budgets B and chunk counts K, from a run's chunk scores.
 
-    python benchmarks/budget_replay.py benchmarks/results/acc_niah_128k.json --budgets 768,none
+    python benchmarks/budget_replay.py benchmarks/results/acc_niah_128k.json --budgets 256,768,none --keeps 1,5
 
 Chunk eviction does not depend on B: each chunk's question NLL comes from the full attention inside the
-chunk, before any KV is dropped. So the answer a run would give with another B can be had by encoding
-only the K chunks it kept (same spans, same positions, same prefix and question) and letting KV eviction
-keep B of each. This costs K chunks instead of the whole document: seconds instead of minutes at 128K.
-Prints one line per case and budget and a summary table; never asserts timings.
+chunk, before any KV is dropped. So the answer a run would give with another B is had by encoding only the
+K chunks it kept (same spans, same positions, same prefix and question) and letting KV eviction keep B of
+each; and with another K, by encoding the K lowest-NLL chunks of the run's per-chunk NLLs (`chunk_nll`,
+recorded by `parallelcomp_triton.eval`). This costs K chunks instead of the whole document: seconds instead
+of minutes at 128K. Prints one line per case and point and a summary table; never asserts timings.
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("results", nargs="+", help="JSON written by `python -m parallelcomp_triton.eval --json`")
     p.add_argument("--budgets", default="768,none", help="B values to replay; 'none' keeps all")
+    p.add_argument("--keeps", default=None, help="K values to replay (default: the run's own K); other "
+                   "values need the run's per-chunk NLLs")
     p.add_argument("--out", default="results/budget_replay.json")
     args = p.parse_args()
     budgets = [_budget(b.strip()) for b in args.budgets.split(",")]
@@ -35,40 +38,55 @@ def main() -> int:
         result = json.load(open(path))
         base = ParallelCompConfig(**{k: v for k, v in result["config"].items()
                                      if k in ("chunk_tokens", "snap_to_sentences", "keep_chunks", "max_new_tokens")})
+        keeps = [int(k) for k in args.keeps.split(",")] if args.keeps else [base.keep_chunks]
         for case_row in result["cases"]:
-            kept = case_row.get("kept_chunks")
-            if not kept:
+            if not case_row.get("kept_chunks"):
                 continue
             case = TASKS[result["task"]](pc.tokenizer, case_row["target_tokens"], depth=case_row["depth"],
                                          question=result.get("question", "cue"))
             assert case.answer == case_row["answer"], "the case generator changed since the run"
-            for budget in budgets:
-                cfg = dataclasses.replace(base, kv_budget=budget, instruction=case.instruction)
+            for keep, budget in [(k, b) for k in keeps for b in budgets]:
+                kept = chunks_kept(case_row, keep, base.keep_chunks)
+                if kept is None:
+                    print(f"{path}: no per-chunk NLLs, cannot replay K={keep}", file=sys.stderr)
+                    continue
+                cfg = dataclasses.replace(base, kv_budget=budget, keep_chunks=keep, instruction=case.instruction)
                 t = time.perf_counter()
                 assert len(pc.prepare(cfg, case.context, case.question).spans) == case_row["chunks"], \
                     "the chunking changed since the run"
                 res = pc.generate_from_chunks(case.context, case.question, kept, config=cfg)
                 row = {"task": result["task"], "tokens": case_row["target_tokens"], "depth": case_row["depth"],
-                       "kv_budget": budget, "kept_chunks": kept, "answer": case.answer, "output": res.text,
+                       "kv_budget": budget, "keep_chunks": keep, "kept_chunks": kept,
+                       "needle_kept": case_row.get("needle_chunk") in kept, "answer": case.answer, "output": res.text,
                        "correct": case.answer in res.text, "original_correct": case_row["correct"],
                        "original_kv_budget": result["config"].get("kv_budget"),
                        "kv_tokens_after": res.stats["kv_tokens_per_layer_after"],
                        "seconds": round(time.perf_counter() - t, 2)}
                 rows.append(row)
-                print(f"{row['task']} {row['tokens']:>7} depth {row['depth']:.2f} B={budget}: "
+                print(f"{row['task']} {row['tokens']:>7} depth {row['depth']:.2f} K={keep} B={budget}: "
                       f"{'ok ' if row['correct'] else 'MISS'} {res.text.strip()[:30]!r} (was "
-                      f"{'ok' if row['original_correct'] else 'MISS'} at B={row['original_kv_budget']})",
+                      f"{'ok' if row['original_correct'] else 'MISS'} at K={base.keep_chunks} B={row['original_kv_budget']})",
                       file=sys.stderr, flush=True)
                 os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
                 with open(args.out, "w") as f:
-                    json.dump({"budgets": budgets, "rows": rows}, f, indent=1)
-    print("| task | tokens | B | found (replayed at the originally kept chunks) | merged KV tokens per layer |")
-    print("|---|---:|---:|---:|---:|")
-    for key in dict.fromkeys((r["task"], r["tokens"], r["kv_budget"]) for r in rows):
-        sel = [r for r in rows if (r["task"], r["tokens"], r["kv_budget"]) == key]
-        print(f"| {key[0]} | {key[1]} | {key[2] if key[2] is not None else 'all'} | "
-              f"{sum(r['correct'] for r in sel)}/{len(sel)} | {max(r['kv_tokens_after'] for r in sel)} |")
+                    json.dump({"budgets": budgets, "keeps": args.keeps, "rows": rows}, f, indent=1)
+    print("| task | tokens | K | B | found (replayed) | needle chunk kept | merged KV tokens per layer |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for key in dict.fromkeys((r["task"], r["tokens"], r["keep_chunks"], r["kv_budget"]) for r in rows):
+        sel = [r for r in rows if (r["task"], r["tokens"], r["keep_chunks"], r["kv_budget"]) == key]
+        print(f"| {key[0]} | {key[1]} | {key[2]} | {key[3] if key[3] is not None else 'all'} | "
+              f"{sum(r['correct'] for r in sel)}/{len(sel)} | {sum(r['needle_kept'] for r in sel)}/{len(sel)} | "
+              f"{max(r['kv_tokens_after'] for r in sel)} |")
     return 0
+
+
+def chunks_kept(case_row: dict, keep: int, run_keep: int) -> list[int] | None:
+    """The chunks chunk eviction keeps at K = `keep`: the K lowest NLL (ties: earlier chunk), in document order."""
+    nll = case_row.get("chunk_nll")
+    if not nll:
+        return case_row["kept_chunks"] if keep == run_keep else None
+    order = sorted(range(len(nll)), key=lambda c: (nll[c] if nll[c] == nll[c] else float("inf"), c))
+    return sorted(order[:keep])
 
 
 if __name__ == "__main__":

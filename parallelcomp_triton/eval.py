@@ -55,6 +55,7 @@ def evaluate(pc, task: str, lengths, depths, config: ParallelCompConfig, questio
                    "chunks": len(res.stats.get("chunk_spans", [])), "kept_chunks": res.stats.get("kept_chunks"),
                    "needle_chunk": needle_chunk, "needle_kept": needle_chunk in (res.stats.get("kept_chunks") or []),
                    "needle_rank": _nll_rank(res.stats.get("chunk_nll_all"), needle_chunk),
+                   "chunk_nll": res.stats.get("chunk_nll_all"),  # lets benchmarks/budget_replay.py vary K
                    "kv_tokens_after": res.stats.get("kv_tokens_per_layer_after"),
                    "kv_cache_bytes": res.stats.get("kv_cache_bytes"),
                    "peak_memory_bytes": res.stats.get("peak_memory_bytes")}

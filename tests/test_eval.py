@@ -129,13 +129,18 @@ def test_budget_replay_reproduces_the_run_at_its_own_budget(tmp_path, capsys, mo
     spec.loader.exec_module(replay)
     monkeypatch.setattr(ParallelComp, "from_pretrained", classmethod(lambda cls, *a, **k: pc))
     out = tmp_path / "replay.json"
-    monkeypatch.setattr(sys, "argv", ["budget_replay.py", str(src), "--budgets", "16,none", "--out", str(out)])
+    monkeypatch.setattr(sys, "argv", ["budget_replay.py", str(src), "--budgets", "16,none", "--keeps", "2,1",
+                                      "--out", str(out)])
     assert replay.main() == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["depth"], r["kv_budget"]) for r in rows] == [(0.3, 16), (0.3, None), (0.8, 16), (0.8, None)]
-    for case in run["cases"]:
-        same, full = [r for r in rows if r["depth"] == case["depth"]]
-        # Encoding only the kept chunks at the run's own B gives the run's answer and merged length.
+    assert [(r["depth"], r["keep_chunks"], r["kv_budget"]) for r in rows] == [
+        (d, k, b) for d in (0.3, 0.8) for k in (2, 1) for b in (16, None)]
+    single = evaluate(pc, "passkey", [1500], [0.3, 0.8], dataclasses.replace(cfg, keep_chunks=1))
+    for case, case_k1 in zip(run["cases"], single["cases"]):
+        same, full, k1, _ = [r for r in rows if r["depth"] == case["depth"]]
+        # Encoding only the kept chunks at the run's own B and K gives the run's answer and merged length;
+        # at K = 1 it gives what a K = 1 run gives.
         assert same["output"] == case["output"] and same["kv_tokens_after"] == case["kv_tokens_after"]
         assert full["kv_tokens_after"] > same["kv_tokens_after"]
-    assert "| passkey | 1500 | all |" in capsys.readouterr().out
+        assert k1["kept_chunks"] == case_k1["kept_chunks"] and k1["output"] == case_k1["output"]
+    assert "| passkey | 1500 | 1 | all |" in capsys.readouterr().out
