@@ -9,6 +9,7 @@ from .errors import ParallelCompError
 MODES = ("parallelcomp", "full", "truncate")
 REGIONS = ("sink", "recent", "middle", "all")
 GQA_REDUCES = ("max", "mean", "sum")
+SCORE_TOKENS = ("suffix", "question")
 TEMPLATES = ("plain", "chat")
 
 
@@ -71,6 +72,10 @@ class ParallelCompConfig:
     batch_chunks: int = 4
     # Chunk eviction: keep the K chunks with the lowest question NLL.
     keep_chunks: int = 3
+    # Which suffix tokens the NLL averages: "suffix" = all of them (the template's separator, the question,
+    # anything after it), as upstream does; "question" = the question's own tokens. The separator's NLL
+    # measures how the chunk happens to end, not what it holds (BENCHMARKS.md, "Chunk ranking").
+    score_tokens: str = "suffix"
     # Parallel KV-cache eviction: B context tokens per chunk, layer and KV head (None: keep all). 512 of
     # 1024: same chunks and answers as keeping all on NIAH at 16K (BENCHMARKS.md, "Choosing the defaults").
     kv_budget: int | None = 512
@@ -107,6 +112,8 @@ class ParallelCompConfig:
             raise ParallelCompError(f"pool_kernel = {self.pool_kernel}: must be odd and >= 1")
         if self.gqa_reduce not in GQA_REDUCES:
             raise ParallelCompError(f"gqa_reduce {self.gqa_reduce!r}: expected one of {', '.join(GQA_REDUCES)}")
+        if self.score_tokens not in SCORE_TOKENS:
+            raise ParallelCompError(f"score_tokens {self.score_tokens!r}: expected one of {', '.join(SCORE_TOKENS)}")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ParallelCompError("temperature must be >= 0 and top_p in (0, 1]")
         if self.calibration is not None:

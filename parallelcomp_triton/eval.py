@@ -14,7 +14,7 @@ import json
 import sys
 import time
 
-from .config import MODES, TEMPLATES, Calibration, ParallelCompConfig
+from .config import MODES, SCORE_TOKENS, TEMPLATES, Calibration, ParallelCompConfig
 from .errors import ParallelCompError
 from .run import _budget, _chunk_tokens, _Parser
 from .tasks import niah_case, passkey_case
@@ -97,6 +97,7 @@ def main(argv=None) -> int:
     p.add_argument("--mode", choices=MODES, default="parallelcomp")
     p.add_argument("--template", choices=TEMPLATES, default=ParallelCompConfig.template)
     p.add_argument("--keep-chunks", type=int, default=ParallelCompConfig.keep_chunks)
+    p.add_argument("--score-tokens", choices=SCORE_TOKENS, default=ParallelCompConfig.score_tokens)
     p.add_argument("--kv-budget", type=_budget, default=ParallelCompConfig.kv_budget)
     p.add_argument("--chunk-tokens", type=_chunk_tokens, default=ParallelCompConfig.chunk_tokens,
                    help="document tokens per chunk, or 'max' (as many as the window allows)")
@@ -123,6 +124,7 @@ def main(argv=None) -> int:
         from .pipeline import ParallelComp
 
         cfg = ParallelCompConfig(mode=args.mode, template=args.template, keep_chunks=args.keep_chunks,
+                                 score_tokens=args.score_tokens,
                                  kv_budget=args.kv_budget, chunk_tokens=args.chunk_tokens,
                                  batch_chunks=args.batch_chunks, max_new_tokens=args.max_new_tokens,
                                  calibration=Calibration.parse(args.calibrate) if args.calibrate else None)

@@ -300,7 +300,7 @@ class ParallelComp:
             bar = tqdm(total=len(work), desc="chunks", unit="chunk", leave=False)
         for first in range(0, len(work), cfg.batch_chunks):
             batch = work[first:first + cfg.batch_chunks]
-            ids, pos, lens, ctx_rows, windows, suffixes = [], [], [], [], [], []
+            ids, pos, lens, ctx_rows, windows, suffixes, scored = [], [], [], [], [], [], []
             caches: list[ChunkCache] = []
             prefix_rows: dict[int, int] = {}  # document -> first row of its prefix, while its prefix KV is unset
             start = 0
@@ -315,6 +315,7 @@ class ParallelComp:
                 ctx_rows.append((start + len(prefix), start + len(prefix) + (e - s)))
                 windows.append(min(cfg.score_window, len(suffix)) if need_scores else 0)
                 suffixes.append(suffix)
+                scored.append(doc.toks.question if cfg.score_tokens == "question" else (0, len(suffix)))
                 if prefix and doc.prefix_keys[0] is None and d not in prefix_rows:
                     prefix_rows[d] = start
                 caches.append(ChunkCache(index=c, context_len=e - s, positions=[] if budget is not None else None))
@@ -362,7 +363,8 @@ class ParallelComp:
                                   for (_, b), sfx in zip(ctx_rows, suffixes)])
                 target = torch.tensor([t for sfx in suffixes for t in sfx], dtype=torch.long, device=device)
                 losses = F.cross_entropy(model.lm_head_rows(hidden[rows]), target, reduction="none")
-                nll = torch.stack([part.mean() for part in losses.split([len(sfx) for sfx in suffixes])])
+                nll = torch.stack([part[a:b].mean() for part, (a, b)
+                                   in zip(losses.split([len(sfx) for sfx in suffixes]), scored)])
                 for cache, value in zip(caches, nll.tolist()):
                     cache.nll = value
             del hidden

@@ -36,6 +36,7 @@ class PromptTokens:
     document: list[int]
     suffix: list[int]  # question suffix
     bos_in_prefix: bool
+    question: tuple[int, int] = (0, 0)  # the question's own tokens: suffix[question[0]:question[1]]
 
 
 def tokenize_prompt(tokenizer, template: str, context: str, question: str) -> PromptTokens:
@@ -51,12 +52,18 @@ def tokenize_prompt(tokenizer, template: str, context: str, question: str) -> Pr
     if add_bos and tokenizer.bos_token_id is not None:
         prefix = [tokenizer.bos_token_id] + prefix
     document = tokenizer.encode(context, add_special_tokens=False)
-    suffix = tokenizer.encode(suffix_text, add_special_tokens=False)
+    enc = tokenizer(suffix_text, add_special_tokens=False, return_offsets_mapping=True)
+    suffix = enc["input_ids"]
+    # The question's characters in the suffix text: the template text around it is not the question.
+    q0 = template[i + len("{context}"):].find("{question}")
+    q0, q1 = (q0, q0 + len(question)) if q0 >= 0 else (0, 0)
+    inside = [k for k, (a, b) in enumerate(enc["offset_mapping"]) if a < q1 and b > q0]
+    question_span = (inside[0], inside[-1] + 1) if inside else (0, len(suffix))
     if not document:
         raise ParallelCompError("the document is empty after tokenization")
     if not suffix:
         raise ParallelCompError("the question suffix is empty: the template needs text after {context}")
-    return PromptTokens(prefix, document, suffix, add_bos)
+    return PromptTokens(prefix, document, suffix, add_bos, question_span)
 
 
 def split_even(n: int, size: int) -> list[tuple[int, int]]:

@@ -25,7 +25,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-from .config import MODES, TEMPLATES, Calibration, ParallelCompConfig
+from .config import MODES, SCORE_TOKENS, TEMPLATES, Calibration, ParallelCompConfig
 from .errors import ParallelCompError
 
 
@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", choices=TEMPLATES, default=d.template)
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
     p.add_argument("--keep-chunks", type=int, default=d.keep_chunks, help="K: chunks kept after eviction")
+    p.add_argument("--score-tokens", choices=SCORE_TOKENS, default=d.score_tokens,
+                   help="chunk NLL over the whole question suffix or the question's own tokens")
     p.add_argument("--kv-budget", type=_budget, default=d.kv_budget,
                    help="B: KV tokens kept per chunk, layer and KV head, or 'none'")
     p.add_argument("--window", type=int, default=None, help="trained window (default: the model's)")
@@ -207,6 +209,7 @@ def _config(args) -> ParallelCompConfig:
     cfg = ParallelCompConfig(mode=args.mode, template=args.template, chunk_tokens=chunk_tokens,
                              instruction=instruction,
                              window=args.window, batch_chunks=args.batch_chunks, keep_chunks=args.keep_chunks,
+                             score_tokens=args.score_tokens,
                              kv_budget=args.kv_budget, score_window=args.score_window, calibration=calibration,
                              max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                              seed=args.seed, ignore_eos=args.ignore_eos)

@@ -78,10 +78,10 @@ def test_answer_and_json_on_bundled_model(doc, bundled_model_dir):
     assert "window" in one_error_line(proc.stderr.decode())
 
 
-@pytest.mark.parametrize("flags,ignore", [([], False), (["--ignore-eos"], True)])
-def test_cli_flags_reach_the_config(doc, flags, ignore):
+@pytest.mark.parametrize("flags,ignore,score", [([], False, "suffix"), (["--ignore-eos", "--score-tokens", "question"], True, "question")])
+def test_cli_flags_reach_the_config(doc, flags, ignore, score):
     from parallelcomp_triton.run import _config, build_parser
 
     args = build_parser().parse_args(["--input", str(doc), "--question", "q", "--max-new-tokens", "7", *flags])
     cfg = _config(args)
-    assert cfg.ignore_eos is ignore and cfg.max_new_tokens == 7
+    assert cfg.ignore_eos is ignore and cfg.max_new_tokens == 7 and cfg.score_tokens == score

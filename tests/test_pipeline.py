@@ -99,23 +99,29 @@ def test_chunk_eviction_merge_and_positions(pc, keep, budget, batch):
                 assert (layer_pos[:, 1:] > layer_pos[:, :-1]).all()  # ascending, distinct
 
 
-@pytest.mark.parametrize("batch,budget", [(1, None), (3, 16), (4, None)])
-def test_packed_chunk_nll_equals_plain_causal_nll(pc, batch, budget):
+@pytest.mark.parametrize("batch,budget,score,template", [(1, None, "suffix", "plain"), (3, 16, "suffix", "chat"),
+                                                         (4, None, "question", "plain"), (3, 16, "question", "chat")])
+def test_packed_chunk_nll_equals_plain_causal_nll(pc, batch, budget, score, template):
     # Chunk ranking rests on these numbers: each chunk of a packed varlen batch (unequal lengths) must score
-    # the question's mean NLL exactly as one plain causal pass over prefix + chunk + question does.
+    # the mean NLL of the scored suffix tokens exactly as one plain causal pass over prefix + chunk + suffix.
     cfg = ParallelCompConfig(chunk_tokens=61, keep_chunks=2, kv_budget=budget, batch_chunks=batch,
-                             max_new_tokens=2, instruction="Read this.")
+                             max_new_tokens=2, instruction="Read this.", score_tokens=score, template=template)
     doc, question = document(160, seed=5), "Which word comes first?"
     res = pc.generate(doc, question, config=cfg)
     toks = pc.prepare(cfg, doc, question).toks
     spans = res.stats["chunk_spans"]
     assert len(spans) >= 5 and len({e - s for s, e in spans}) > 1 and toks.prefix
+    a, b = toks.question
+    assert pc.tokenizer.decode(toks.suffix[a:b]) == question  # the byte tokenizer: exact
+    assert (a > 0) and (b < len(toks.suffix)) == (template == "chat")  # separator before; chat: turn end after
+    if score == "suffix":
+        a, b = 0, len(toks.suffix)
     for (s, e), packed in zip(spans, res.stats["chunk_nll_all"]):
         ids = toks.prefix + toks.document[s:e] + toks.suffix
         logits = pc.model.logits(torch.tensor([ids]))[0]
-        q0 = len(ids) - len(toks.suffix)  # logits row q0 - 1 predicts the first question token
-        expected = torch.nn.functional.cross_entropy(logits[q0 - 1:-1], torch.tensor(toks.suffix)).item()
-        assert packed == pytest.approx(expected, rel=1e-4, abs=1e-5)
+        q0 = len(ids) - len(toks.suffix)  # logits row q0 - 1 predicts the first suffix token
+        losses = torch.nn.functional.cross_entropy(logits[q0 - 1:-1], torch.tensor(toks.suffix), reduction="none")
+        assert packed == pytest.approx(losses[a:b].mean().item(), rel=1e-4, abs=1e-5)
 
 
 def test_single_chunk_equals_plain_causal_greedy(pc):
@@ -198,6 +204,7 @@ def test_bad_settings_raise_one_line_errors(pc):
     for cfg in (ParallelCompConfig(kv_budget=0), ParallelCompConfig(keep_chunks=0),
                 ParallelCompConfig(mode="nope"), ParallelCompConfig(window=36, max_new_tokens=30),
                 ParallelCompConfig(chunk_tokens=10_000), ParallelCompConfig(pool_kernel=4),
+                ParallelCompConfig(score_tokens="answer"),
                 ParallelCompConfig(calibration=Calibration(first_layer=2, last_layer=9))):
         with pytest.raises(ParallelCompError) as e:
             pc.generate(doc, "What?", config=cfg)
