@@ -74,7 +74,7 @@ class ParallelCompConfig:
     keep_chunks: int = 3
     # Which suffix tokens the NLL averages: "suffix" = all of them (the template's separator, the question,
     # anything after it), as upstream does; "question" = the question's own tokens. The separator's NLL
-    # measures how the chunk happens to end, not what it holds (BENCHMARKS.md, "Chunk ranking").
+    # measures how the chunk happens to end, not what it holds (BENCHMARKS.md, "With the package defaults").
     score_tokens: str = "suffix"
     # Parallel KV-cache eviction: B context tokens per chunk, layer and KV head (None: keep all). 512 of
     # 1024: replaying 29 accuracy cases at their kept chunks, 512 found 25, 768 and all 24 each

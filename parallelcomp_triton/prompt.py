@@ -52,18 +52,29 @@ def tokenize_prompt(tokenizer, template: str, context: str, question: str) -> Pr
     if add_bos and tokenizer.bos_token_id is not None:
         prefix = [tokenizer.bos_token_id] + prefix
     document = tokenizer.encode(context, add_special_tokens=False)
-    enc = tokenizer(suffix_text, add_special_tokens=False, return_offsets_mapping=True)
-    suffix = enc["input_ids"]
-    # The question's characters in the suffix text: the template text around it is not the question.
-    q0 = template[i + len("{context}"):].find("{question}")
-    q0, q1 = (q0, q0 + len(question)) if q0 >= 0 else (0, 0)
-    inside = [k for k, (a, b) in enumerate(enc["offset_mapping"]) if a < q1 and b > q0]
-    question_span = (inside[0], inside[-1] + 1) if inside else (0, len(suffix))
+    suffix = tokenizer.encode(suffix_text, add_special_tokens=False)
+    question_span = _question_span(tokenizer, suffix_text, suffix, template[i + len("{context}"):].find("{question}"),
+                                   len(question))
     if not document:
         raise ParallelCompError("the document is empty after tokenization")
     if not suffix:
         raise ParallelCompError("the question suffix is empty: the template needs text after {context}")
     return PromptTokens(prefix, document, suffix, add_bos, question_span)
+
+
+def _question_span(tokenizer, text: str, ids: list[int], q0: int, n: int) -> tuple[int, int]:
+    """The tokens of `ids` (= `text` encoded) that hold text[q0:q0 + n], the question; the template text
+    around it is not the question. Exact from a fast tokenizer's offsets; a slow one counts the tokens of the
+    text before and after the question."""
+    if q0 < 0:
+        return 0, len(ids)
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        inside = [k for k, (a, b) in enumerate(enc["offset_mapping"]) if a < q0 + n and b > q0]
+        return (inside[0], inside[-1] + 1) if inside else (0, len(ids))
+    before = len(tokenizer.encode(text[:q0], add_special_tokens=False)) if q0 else 0
+    after = len(tokenizer.encode(text[q0 + n:], add_special_tokens=False)) if text[q0 + n:] else 0
+    return (before, len(ids) - after) if before < len(ids) - after else (0, len(ids))
 
 
 def split_even(n: int, size: int) -> list[tuple[int, int]]:

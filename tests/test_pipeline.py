@@ -247,3 +247,22 @@ def test_generate_from_chunks_equals_the_run_that_kept_them(pc):
     for bad in ([], [len(run.stats["chunk_spans"])], [-1]):
         with pytest.raises(ParallelCompError, match="chunks"):
             pc.generate_from_chunks(doc, question, bad, config=cfg)
+
+
+@pytest.mark.parametrize("template", ["plain", "chat"])
+def test_question_span_from_offsets_and_from_counting(pc, template):
+    from parallelcomp_triton.prompt import _question_span, resolve_template, tokenize_prompt
+
+    question = "Which word comes first?"
+    text = resolve_template(pc.tokenizer, template, None, "Read this.")
+    toks = tokenize_prompt(pc.tokenizer, text, "alpha beta", question)
+    a, b = toks.question
+    assert pc.tokenizer.decode(toks.suffix[a:b]) == question
+
+    class Slow:  # the same tokenizer without offsets
+        is_fast = False
+        encode = staticmethod(pc.tokenizer.encode)
+
+    after = text[text.index("{context}") + len("{context}"):]
+    suffix_text = after.replace("{question}", question)
+    assert _question_span(Slow(), suffix_text, toks.suffix, after.find("{question}"), len(question)) == (a, b)
