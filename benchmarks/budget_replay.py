@@ -45,15 +45,17 @@ def main() -> int:
             case = TASKS[result["task"]](pc.tokenizer, case_row["target_tokens"], depth=case_row["depth"],
                                          question=result.get("question", "cue"))
             assert case.answer == case_row["answer"], "the case generator changed since the run"
+            # Chunking depends on neither B nor K: check it once per case.
+            chunking = dataclasses.replace(base, instruction=case.instruction)
+            assert len(pc.prepare(chunking, case.context, case.question).spans) == case_row["chunks"], \
+                "the chunking changed since the run"
             for keep, budget in [(k, b) for k in keeps for b in budgets]:
                 kept = chunks_kept(case_row, keep, base.keep_chunks)
                 if kept is None:
                     print(f"{path}: no per-chunk NLLs, cannot replay K={keep}", file=sys.stderr)
                     continue
-                cfg = dataclasses.replace(base, kv_budget=budget, keep_chunks=keep, instruction=case.instruction)
+                cfg = dataclasses.replace(chunking, kv_budget=budget, keep_chunks=keep)
                 t = time.perf_counter()
-                assert len(pc.prepare(cfg, case.context, case.question).spans) == case_row["chunks"], \
-                    "the chunking changed since the run"
                 res = pc.generate_from_chunks(case.context, case.question, kept, config=cfg)
                 row = {"task": result["task"], "tokens": case_row["target_tokens"], "depth": case_row["depth"],
                        "kv_budget": budget, "keep_chunks": keep, "kept_chunks": kept,
@@ -81,11 +83,14 @@ def main() -> int:
 
 
 def chunks_kept(case_row: dict, keep: int, run_keep: int) -> list[int] | None:
-    """The chunks chunk eviction keeps at K = `keep`: the K lowest NLL (ties: earlier chunk), in document order."""
+    """The chunks chunk eviction keeps at K = `keep`: the K lowest NLL (NaN last, ties: earlier chunk, the
+    pipeline's own order), in document order."""
+    from parallelcomp_triton.pipeline import _nan_last
+
     nll = case_row.get("chunk_nll")
     if not nll:
         return case_row["kept_chunks"] if keep == run_keep else None
-    order = sorted(range(len(nll)), key=lambda c: (nll[c] if nll[c] == nll[c] else float("inf"), c))
+    order = sorted(range(len(nll)), key=lambda c: (_nan_last(nll[c]), c))
     return sorted(order[:keep])
 
 

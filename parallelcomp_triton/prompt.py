@@ -52,9 +52,8 @@ def tokenize_prompt(tokenizer, template: str, context: str, question: str) -> Pr
     if add_bos and tokenizer.bos_token_id is not None:
         prefix = [tokenizer.bos_token_id] + prefix
     document = tokenizer.encode(context, add_special_tokens=False)
-    suffix = tokenizer.encode(suffix_text, add_special_tokens=False)
-    question_span = _question_span(tokenizer, suffix_text, suffix, template[i + len("{context}"):].find("{question}"),
-                                   len(question))
+    suffix, question_span = _encode_suffix(tokenizer, suffix_text,
+                                           template[i + len("{context}"):].find("{question}"), len(question))
     if not document:
         raise ParallelCompError("the document is empty after tokenization")
     if not suffix:
@@ -62,19 +61,21 @@ def tokenize_prompt(tokenizer, template: str, context: str, question: str) -> Pr
     return PromptTokens(prefix, document, suffix, add_bos, question_span)
 
 
-def _question_span(tokenizer, text: str, ids: list[int], q0: int, n: int) -> tuple[int, int]:
-    """The tokens of `ids` (= `text` encoded) that hold text[q0:q0 + n], the question; the template text
-    around it is not the question. Exact from a fast tokenizer's offsets; a slow one counts the tokens of the
-    text before and after the question."""
-    if q0 < 0:
-        return 0, len(ids)
+def _encode_suffix(tokenizer, text: str, q0: int, n: int) -> tuple[list[int], tuple[int, int]]:
+    """`text` encoded, and the span of its tokens that hold text[q0:q0 + n], the question (the template text
+    around it is not the question). Exact from a fast tokenizer's offsets, in the same encoding pass; a slow
+    one counts the tokens of the text before and after the question."""
     if getattr(tokenizer, "is_fast", False):
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        inside = [k for k, (a, b) in enumerate(enc["offset_mapping"]) if a < q0 + n and b > q0]
-        return (inside[0], inside[-1] + 1) if inside else (0, len(ids))
+        ids = enc["input_ids"]
+        inside = [k for k, (a, b) in enumerate(enc["offset_mapping"]) if a < q0 + n and b > q0] if q0 >= 0 else []
+        return ids, ((inside[0], inside[-1] + 1) if inside else (0, len(ids)))
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if q0 < 0:
+        return ids, (0, len(ids))
     before = len(tokenizer.encode(text[:q0], add_special_tokens=False)) if q0 else 0
     after = len(tokenizer.encode(text[q0 + n:], add_special_tokens=False)) if text[q0 + n:] else 0
-    return (before, len(ids) - after) if before < len(ids) - after else (0, len(ids))
+    return ids, ((before, len(ids) - after) if before < len(ids) - after else (0, len(ids)))
 
 
 def split_even(n: int, size: int) -> list[tuple[int, int]]:

@@ -251,7 +251,7 @@ def test_generate_from_chunks_equals_the_run_that_kept_them(pc):
 
 @pytest.mark.parametrize("template", ["plain", "chat"])
 def test_question_span_from_offsets_and_from_counting(pc, template):
-    from parallelcomp_triton.prompt import _question_span, resolve_template, tokenize_prompt
+    from parallelcomp_triton.prompt import _encode_suffix, resolve_template, tokenize_prompt
 
     question = "Which word comes first?"
     text = resolve_template(pc.tokenizer, template, None, "Read this.")
@@ -265,4 +265,4 @@ def test_question_span_from_offsets_and_from_counting(pc, template):
 
     after = text[text.index("{context}") + len("{context}"):]
     suffix_text = after.replace("{question}", question)
-    assert _question_span(Slow(), suffix_text, toks.suffix, after.find("{question}"), len(question)) == (a, b)
+    assert _encode_suffix(Slow(), suffix_text, after.find("{question}"), len(question)) == (toks.suffix, (a, b))
