@@ -65,17 +65,19 @@ class ParallelCompConfig:
     # retrieve better and prefill faster (BENCHMARKS.md, "Choosing the defaults"). None: as large as the
     # trained window allows after prefix, question and answer (the paper's setting, for larger models).
     chunk_tokens: int | None = 1024
-    # Move each chunk boundary (by at most chunk_tokens / 8) to the nearest sentence or line end, so that
-    # no chunk cuts a sentence, such as the one holding the answer, in two.
+    # Move each chunk boundary (by at most chunk_tokens / 8) to the nearest sentence end (a line end only
+    # where no sentence end is in reach), so that no chunk cuts a sentence, such as the one holding the
+    # answer, in two.
     snap_to_sentences: bool = True
     window: int | None = None  # trained window; None: the model's max_position_embeddings
     batch_chunks: int = 4
     # Chunk eviction: keep the K chunks with the lowest question NLL.
     keep_chunks: int = 3
-    # Which suffix tokens the NLL averages: "suffix" = all of them (the template's separator, the question,
-    # anything after it), as upstream does; "question" = the question's own tokens. The separator's NLL
-    # measures how the chunk happens to end, not what it holds (BENCHMARKS.md, "With the package defaults").
-    score_tokens: str = "suffix"
+    # Which suffix tokens the NLL averages: "question" = the question's own tokens; "suffix" = all of them
+    # (the template's separator, the question, anything after it), as upstream does. The separator's NLL
+    # measures how the chunk happens to end, not what it holds: it cost two NIAH needles their place
+    # (BENCHMARKS.md, "With the package defaults").
+    score_tokens: str = "question"
     # Parallel KV-cache eviction: B context tokens per chunk, layer and KV head (None: keep all). 512 of
     # 1024: replaying 29 accuracy cases at their kept chunks, 512 found 25, 768 and all 24 each
     # (BENCHMARKS.md, "KV budget B and chunk count K").

@@ -192,8 +192,8 @@ class ParallelComp:
                                         f"{window}-token window (at most {room} here)")
             spans = split_even(len(toks.document), chunk_tokens)
             if cfg.snap_to_sentences and len(spans) > 1:
-                spans = snap_spans(spans, sentence_ends(self.tokenizer, toks.document),
-                                   slack=max(1, chunk_tokens // 8), limit=room)
+                sentences, lines = sentence_ends(self.tokenizer, toks.document)
+                spans = snap_spans(spans, sentences, slack=max(1, chunk_tokens // 8), limit=room, fallback=lines)
             keep, budget, append_question = cfg.keep_chunks, cfg.kv_budget, True
         else:
             doc = toks.document if cfg.mode == "full" else truncate_middle(toks.document, room)

