@@ -21,7 +21,7 @@ import time
 
 def main() -> int:
     from parallelcomp_triton import ParallelComp, ParallelCompConfig
-    from parallelcomp_triton.eval import TASKS
+    from parallelcomp_triton.eval import TASKS, _needle_chunk
     from parallelcomp_triton.run import _budget
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -45,10 +45,17 @@ def main() -> int:
             case = TASKS[result["task"]](pc.tokenizer, case_row["target_tokens"], depth=case_row["depth"],
                                          question=result.get("question", "cue"))
             assert case.answer == case_row["answer"], "the case generator changed since the run"
-            # Chunking depends on neither B nor K: check it once per case.
+            # Chunking depends on neither B nor K: check it once per case (the chunk ends where the run
+            # recorded them, else the chunk count and the needle's chunk).
             chunking = dataclasses.replace(base, instruction=case.instruction)
-            assert len(pc.prepare(chunking, case.context, case.question).spans) == case_row["chunks"], \
-                "the chunking changed since the run"
+            spans = pc.prepare(chunking, case.context, case.question).spans
+            same = ([e for _, e in spans] == case_row["chunk_ends"] if "chunk_ends" in case_row else
+                    len(spans) == case_row["chunks"] and
+                    _needle_chunk(pc.tokenizer, case, spans) == case_row.get("needle_chunk"))
+            if not same:
+                print(f"error: {path}: the chunking changed since the run (depth {case_row['depth']}); replay it "
+                      "with the code that made it", file=sys.stderr)
+                return 2
             for keep, budget in [(k, b) for k in keeps for b in budgets]:
                 kept = chunks_kept(case_row, keep, base.keep_chunks)
                 if kept is None:

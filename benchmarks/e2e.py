@@ -33,19 +33,21 @@ def essay_text(tokenizer, tokens: int) -> str:
     return tokenizer.decode(list(ids[:tokens]))
 
 
-def gemm_rate(hidden: int, inter: int, rows: int = 2048, repeats: int = 5) -> float:
-    """Median FLOP/s of the model's MLP-shaped fp32 GEMMs on this machine."""
+def gemm_rate(hidden: int, inter: int, rows: int = 2048, seconds: float = 3.0, min_repeats: int = 10) -> float:
+    """Median FLOP/s of the model's MLP-shaped fp32 GEMMs on this machine, over at least `seconds` of
+    repeats (a handful of repeats read anywhere from 64 to 93 GFLOP/s on the same idle 2-core machine)."""
     import torch
 
     x = torch.randn(rows, hidden)
     w1, w2 = torch.randn(inter, hidden), torch.randn(hidden, inter)
-    times = []
-    for _ in range(repeats + 1):
+    (x @ w1.T) @ w2.T  # warm-up
+    times, start = [], time.perf_counter()
+    while len(times) < min_repeats or time.perf_counter() - start < seconds:
         t = time.perf_counter()
         h = x @ w1.T
         h @ w2.T
         times.append(time.perf_counter() - t)
-    times = sorted(times[1:])
+    times.sort()
     return 2 * 2 * rows * hidden * inter / times[len(times) // 2]
 
 
@@ -56,7 +58,10 @@ def run_one(method: str, tokens: int, max_new: int) -> dict:
 
     pc = ParallelComp.from_pretrained(None)
     doc = essay_text(pc.tokenizer, tokens)
-    out = {"method": method, "tokens": tokens}
+    # The GEMM rate right before the run, in the same process: the floor it sets is side by side with the
+    # prefill it is compared to, not minutes apart.
+    out = {"method": method, "tokens": tokens,
+           "gemm_gflops": gemm_rate(pc.args.hidden_size, pc.args.intermediate_size) / 1e9}
     if method in ("parallelcomp", "truncate"):
         cfg = ParallelCompConfig(mode=method, max_new_tokens=max_new, ignore_eos=True)  # fixed decode steps
         res = pc.generate(doc, QUESTION, config=cfg)
@@ -162,11 +167,11 @@ def main() -> int:
                 print(f"{method} {n}: failed: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
                 continue
             row = json.loads(proc.stdout.strip().splitlines()[-1])
-            row["linear_floor_s"] = 2 * non_embedding * row["document_tokens"] / rate
+            row["linear_floor_s"] = 2 * non_embedding * row["document_tokens"] / (row["gemm_gflops"] * 1e9)
             row["prefill_over_floor"] = row["prefill_s"] / row["linear_floor_s"]
             rows.append(row)
             print(f"{method:>12} {n:>7}: prefill {row['prefill_s']:.1f} s ({row['prefill_over_floor']:.2f}x floor), "
-                  f"decode {row['decode_ms_per_token']:.1f} ms/token, RSS {row['peak_rss_bytes'] / 2**30:.2f} GiB",
+                  f"GEMM {row['gemm_gflops']:.1f} GFLOP/s, decode {row['decode_ms_per_token']:.1f} ms/token, RSS {row['peak_rss_bytes'] / 2**30:.2f} GiB",
                   file=sys.stderr, flush=True)
     result = {"machine": {"threads": torch.get_num_threads(), "gemm_gflops": rate / 1e9, "torch": torch.__version__},
               "non_embedding_params": non_embedding, "rows": rows}
@@ -176,11 +181,12 @@ def main() -> int:
     if args.plot:
         plot(result, args.plot)
     print(f"GEMM rate {rate / 1e9:.1f} GFLOP/s (fp32, {torch.get_num_threads()} threads)\n")
-    print("| method | tokens | chunks | prefill s | x linear floor | question s | decode ms/token | peak RSS GiB | KV MiB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| method | tokens | chunks | prefill s | GEMM GFLOP/s | x linear floor | question s | decode ms/token | "
+          "peak RSS GiB | KV MiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['method']} | {r['document_tokens']} | {r['chunks']} | {r['prefill_s']:.1f} | "
-              f"{r['prefill_over_floor']:.2f} | {r['question_s']:.2f} | {r['decode_ms_per_token']:.1f} | "
+              f"{r['gemm_gflops']:.1f} | {r['prefill_over_floor']:.2f} | {r['question_s']:.2f} | {r['decode_ms_per_token']:.1f} | "
               f"{r['peak_rss_bytes'] / 2**30:.2f} | {r['kv_cache_bytes'] / 2**20:.1f} |")
     return 0
 

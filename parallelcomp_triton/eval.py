@@ -53,6 +53,8 @@ def evaluate(pc, task: str, lengths, depths, config: ParallelCompConfig, questio
             row = {"tokens": case.tokens, "target_tokens": n, "depth": depth, "answer": case.answer,
                    "output": res.text, "correct": ok, "seconds": round(time.perf_counter() - t, 2),
                    "chunks": len(res.stats.get("chunk_spans", [])), "kept_chunks": res.stats.get("kept_chunks"),
+                   # where each chunk ends (document tokens): a replay checks it is cutting the same chunks
+                   "chunk_ends": [e for _, e in res.stats.get("chunk_spans") or []],
                    "needle_chunk": needle_chunk, "needle_kept": needle_chunk in (res.stats.get("kept_chunks") or []),
                    "needle_rank": _nll_rank(res.stats.get("chunk_nll_all"), needle_chunk),
                    "chunk_nll": res.stats.get("chunk_nll_all"),  # lets benchmarks/budget_replay.py vary K

@@ -144,3 +144,9 @@ def test_budget_replay_reproduces_the_run_at_its_own_budget(tmp_path, capsys, mo
         assert full["kv_tokens_after"] > same["kv_tokens_after"]
         assert k1["kept_chunks"] == case_k1["kept_chunks"] and k1["output"] == case_k1["output"]
     assert "| passkey | 1500 | 1 | all |" in capsys.readouterr().out
+    # A run whose chunks were cut elsewhere (older code, other settings) is refused, not silently replayed.
+    moved = json.loads(src.read_text())
+    moved["cases"][0]["chunk_ends"][0] -= 1
+    src.write_text(json.dumps(moved))
+    assert replay.main() == 2
+    assert "the chunking changed since the run" in capsys.readouterr().err
