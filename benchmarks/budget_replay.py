@@ -37,7 +37,8 @@ def main() -> int:
     for path in args.results:
         result = json.load(open(path))
         base = ParallelCompConfig(**{k: v for k, v in result["config"].items()
-                                     if k in ("chunk_tokens", "snap_to_sentences", "keep_chunks", "max_new_tokens")})
+                                     if k in ("chunk_tokens", "snap_to_sentences", "keep_chunks", "max_new_tokens",
+                                              "score_window", "pool_kernel", "gqa_reduce")})
         keeps = [int(k) for k in args.keeps.split(",")] if args.keeps else [base.keep_chunks]
         for case_row in result["cases"]:
             if not case_row.get("kept_chunks"):

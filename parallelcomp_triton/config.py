@@ -83,7 +83,11 @@ class ParallelCompConfig:
     # (BENCHMARKS.md, "KV budget B and chunk count K").
     kv_budget: int | None = 512
     score_window: int = 8
-    pool_kernel: int = 7
+    # Each key is ranked by the highest window score within pool_kernel // 2 positions of it, so the
+    # neighbours of a peak are kept with it. 11, not SnapKV's 7: the scores peak on the words the question
+    # repeats, and the answer follows them; at 7 the last digit of a 6-digit number fell outside every kept
+    # run in two NIAH cases (64K, 128K), at 11 both are answered (BENCHMARKS.md, "Max-pool width").
+    pool_kernel: int = 11
     gqa_reduce: str = "max"
     calibration: Calibration | None = None
     # Decoding.

@@ -101,6 +101,7 @@ def main(argv=None) -> int:
     p.add_argument("--keep-chunks", type=int, default=ParallelCompConfig.keep_chunks)
     p.add_argument("--score-tokens", choices=SCORE_TOKENS, default=ParallelCompConfig.score_tokens)
     p.add_argument("--kv-budget", type=_budget, default=ParallelCompConfig.kv_budget)
+    p.add_argument("--pool-kernel", type=int, default=ParallelCompConfig.pool_kernel)
     p.add_argument("--chunk-tokens", type=_chunk_tokens, default=ParallelCompConfig.chunk_tokens,
                    help="document tokens per chunk, or 'max' (as many as the window allows)")
     p.add_argument("--batch-chunks", type=int, default=ParallelCompConfig.batch_chunks)
@@ -126,7 +127,7 @@ def main(argv=None) -> int:
         from .pipeline import ParallelComp
 
         cfg = ParallelCompConfig(mode=args.mode, template=args.template, keep_chunks=args.keep_chunks,
-                                 score_tokens=args.score_tokens,
+                                 score_tokens=args.score_tokens, pool_kernel=args.pool_kernel,
                                  kv_budget=args.kv_budget, chunk_tokens=args.chunk_tokens,
                                  batch_chunks=args.batch_chunks, max_new_tokens=args.max_new_tokens,
                                  calibration=Calibration.parse(args.calibrate) if args.calibrate else None)

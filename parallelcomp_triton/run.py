@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="chunk NLL over the whole question suffix or the question's own tokens")
     p.add_argument("--kv-budget", type=_budget, default=d.kv_budget,
                    help="B: KV tokens kept per chunk, layer and KV head, or 'none'")
+    p.add_argument("--pool-kernel", type=int, default=d.pool_kernel,
+                   help="KV eviction: keys within pool_kernel // 2 of a high-scoring key are kept with it (odd)")
     p.add_argument("--window", type=int, default=None, help="trained window (default: the model's)")
     p.add_argument("--chunk-tokens", type=_chunk_tokens, default=d.chunk_tokens,
                    help=f"document tokens per chunk (default {d.chunk_tokens}), or 'max': as many as the window allows")
@@ -210,7 +212,8 @@ def _config(args) -> ParallelCompConfig:
                              instruction=instruction,
                              window=args.window, batch_chunks=args.batch_chunks, keep_chunks=args.keep_chunks,
                              score_tokens=args.score_tokens,
-                             kv_budget=args.kv_budget, score_window=args.score_window, calibration=calibration,
+                             kv_budget=args.kv_budget, score_window=args.score_window, pool_kernel=args.pool_kernel,
+                             calibration=calibration,
                              max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                              seed=args.seed, ignore_eos=args.ignore_eos)
     cfg.check()

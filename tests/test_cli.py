@@ -35,6 +35,7 @@ def doc(tmp_path):
     (lambda d, t: ["--input", str(d)], "--question is required"),
     (lambda d, t: ["--input", str(d), "--question", "q", "--kv-budget", "0"], "kv_budget"),
     (lambda d, t: ["--input", str(d), "--question", "q", "--keep-chunks", "0"], "keep_chunks"),
+    (lambda d, t: ["--input", str(d), "--question", "q", "--pool-kernel", "8"], "pool_kernel"),
     (lambda d, t: ["--input", str(d), "--question", "q", "--kv-budget", "lots"], "kv-budget"),
     (lambda d, t: ["--input", str(d), "--question", "q", "--calibrate", "sink:9-2"], "calibrat"),
     (lambda d, t: ["--input", str(d), "--question", "q", "--model", str(t / "nomodel")], "nomodel"),
@@ -78,10 +79,12 @@ def test_answer_and_json_on_bundled_model(doc, bundled_model_dir):
     assert "window" in one_error_line(proc.stderr.decode())
 
 
-@pytest.mark.parametrize("flags,ignore,score", [([], False, "question"), (["--ignore-eos", "--score-tokens", "suffix"], True, "suffix")])
-def test_cli_flags_reach_the_config(doc, flags, ignore, score):
+@pytest.mark.parametrize("flags,ignore,score,pool", [
+    ([], False, "question", 11), (["--ignore-eos", "--score-tokens", "suffix", "--pool-kernel", "7"], True, "suffix", 7)])
+def test_cli_flags_reach_the_config(doc, flags, ignore, score, pool):
     from parallelcomp_triton.run import _config, build_parser
 
     args = build_parser().parse_args(["--input", str(doc), "--question", "q", "--max-new-tokens", "7", *flags])
     cfg = _config(args)
     assert cfg.ignore_eos is ignore and cfg.max_new_tokens == 7 and cfg.score_tokens == score
+    assert cfg.pool_kernel == pool
