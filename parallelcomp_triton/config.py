@@ -86,7 +86,8 @@ class ParallelCompConfig:
     # Each key is ranked by the highest window score within pool_kernel // 2 positions of it, so the
     # neighbours of a peak are kept with it. 11, not SnapKV's 7: the scores peak on the words the question
     # repeats, and the answer follows them; at 7 the last digit of a 6-digit number fell outside every kept
-    # run in two NIAH cases (64K, 128K), at 11 both are answered (BENCHMARKS.md, "Max-pool width").
+    # run in two NIAH cases (64K, 128K), at 11 both are answered (BENCHMARKS.md, "With the package
+    # defaults").
     pool_kernel: int = 11
     gqa_reduce: str = "max"
     calibration: Calibration | None = None
