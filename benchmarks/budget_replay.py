@@ -20,8 +20,7 @@ import time
 
 
 def main() -> int:
-    from parallelcomp_triton import ParallelComp, ParallelCompConfig
-    from parallelcomp_triton.eval import TASKS, _needle_chunk
+    from parallelcomp_triton import ParallelComp
     from parallelcomp_triton.run import _budget
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -34,31 +33,11 @@ def main() -> int:
     budgets = [_budget(b.strip()) for b in args.budgets.split(",")]
     pc = ParallelComp.from_pretrained(None)
     rows = []
-    for path in args.results:
-        result = json.load(open(path))
-        base = ParallelCompConfig(**{k: v for k, v in result["config"].items()
-                                     if k in ("chunk_tokens", "snap_to_sentences", "keep_chunks", "max_new_tokens",
-                                              "score_window", "pool_kernel", "gqa_reduce")})
-        keeps = [int(k) for k in args.keeps.split(",")] if args.keeps else [base.keep_chunks]
-        for case_row in result["cases"]:
-            if not case_row.get("kept_chunks"):
-                continue
-            case = TASKS[result["task"]](pc.tokenizer, case_row["target_tokens"], depth=case_row["depth"],
-                                         question=result.get("question", "cue"))
-            assert case.answer == case_row["answer"], "the case generator changed since the run"
-            # Chunking depends on neither B nor K: check it once per case (the chunk ends where the run
-            # recorded them, else the chunk count and the needle's chunk).
-            chunking = dataclasses.replace(base, instruction=case.instruction)
-            spans = pc.prepare(chunking, case.context, case.question).spans
-            same = ([e for _, e in spans] == case_row["chunk_ends"] if "chunk_ends" in case_row else
-                    len(spans) == case_row["chunks"] and
-                    _needle_chunk(pc.tokenizer, case, spans) == case_row.get("needle_chunk"))
-            if not same:
-                print(f"error: {path}: the chunking changed since the run (depth {case_row['depth']}); replay it "
-                      "with the code that made it", file=sys.stderr)
-                return 2
+    try:
+        for path, result, case_row, case, chunking in run_cases(pc, args.results, RUN_SETTINGS + ("pool_kernel",)):
+            keeps = [int(k) for k in args.keeps.split(",")] if args.keeps else [chunking.keep_chunks]
             for keep, budget in [(k, b) for k in keeps for b in budgets]:
-                kept = chunks_kept(case_row, keep, base.keep_chunks)
+                kept = chunks_kept(case_row, keep, chunking.keep_chunks)
                 if kept is None:
                     print(f"{path}: no per-chunk NLLs, cannot replay K={keep}", file=sys.stderr)
                     continue
@@ -75,11 +54,14 @@ def main() -> int:
                 rows.append(row)
                 print(f"{row['task']} {row['tokens']:>7} depth {row['depth']:.2f} K={keep} B={budget}: "
                       f"{'ok ' if row['correct'] else 'MISS'} {res.text.strip()[:30]!r} (was "
-                      f"{'ok' if row['original_correct'] else 'MISS'} at K={base.keep_chunks} B={row['original_kv_budget']})",
+                      f"{'ok' if row['original_correct'] else 'MISS'} at K={chunking.keep_chunks} B={row['original_kv_budget']})",
                       file=sys.stderr, flush=True)
                 os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
                 with open(args.out, "w") as f:
                     json.dump({"budgets": budgets, "keeps": args.keeps, "rows": rows}, f, indent=1)
+    except ChunkingChanged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print("| task | tokens | K | B | found (replayed) | needle chunk kept | merged KV tokens per layer |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for key in dict.fromkeys((r["task"], r["tokens"], r["keep_chunks"], r["kv_budget"]) for r in rows):
@@ -88,6 +70,42 @@ def main() -> int:
               f"{sum(r['correct'] for r in sel)}/{len(sel)} | {sum(r['needle_kept'] for r in sel)}/{len(sel)} | "
               f"{max(r['kv_tokens_after'] for r in sel)} |")
     return 0
+
+
+# The run's settings a replay keeps: those that decide the chunks and how a kept chunk is encoded.
+RUN_SETTINGS = ("chunk_tokens", "snap_to_sentences", "keep_chunks", "max_new_tokens", "score_window", "gqa_reduce")
+
+
+class ChunkingChanged(Exception):
+    pass
+
+
+def run_cases(pc, paths, settings=RUN_SETTINGS):
+    """Yield (path, result, case row, case, config) for every case of the eval JSONs at `paths` that kept
+    chunks; the config holds the run's `settings` and the case's instruction. Rebuilds each case and checks
+    that it cuts the run's chunks (the chunk ends the run recorded, else the chunk count and the needle's
+    chunk); raises ChunkingChanged when it does not."""
+    from parallelcomp_triton import ParallelCompConfig
+    from parallelcomp_triton.eval import TASKS, _needle_chunk
+
+    for path in paths:
+        result = json.load(open(path))
+        base = ParallelCompConfig(**{k: v for k, v in result["config"].items() if k in settings})
+        for case_row in result["cases"]:
+            if not case_row.get("kept_chunks"):
+                continue
+            case = TASKS[result["task"]](pc.tokenizer, case_row["target_tokens"], depth=case_row["depth"],
+                                         question=result.get("question", "cue"))
+            assert case.answer == case_row["answer"], "the case generator changed since the run"
+            cfg = dataclasses.replace(base, instruction=case.instruction)
+            spans = pc.prepare(cfg, case.context, case.question).spans
+            same = ([e for _, e in spans] == case_row["chunk_ends"] if "chunk_ends" in case_row else
+                    len(spans) == case_row["chunks"] and
+                    _needle_chunk(pc.tokenizer, case, spans) == case_row.get("needle_chunk"))
+            if not same:
+                raise ChunkingChanged(f"{path}: the chunking changed since the run (depth {case_row['depth']}); "
+                                      "replay it with the code that made it")
+            yield path, result, case_row, case, cfg
 
 
 def chunks_kept(case_row: dict, keep: int, run_keep: int) -> list[int] | None:

@@ -15,7 +15,6 @@ Prints one line per case and variant and a summary; writes JSON after every poin
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import re
@@ -48,8 +47,8 @@ def pooled(scores, cu, before: int, after: int):
 
 def main() -> int:
     import parallelcomp_triton.pipeline as pipeline
-    from parallelcomp_triton import ParallelComp, ParallelCompConfig
-    from parallelcomp_triton.eval import TASKS
+    from budget_replay import RUN_SETTINGS, ChunkingChanged, run_cases
+    from parallelcomp_triton import ParallelComp
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("results", nargs="+", help="JSON written by `python -m parallelcomp_triton.eval --json`")
@@ -69,18 +68,9 @@ def main() -> int:
     pipeline.select_kv = select
     pc = ParallelComp.from_pretrained(None)
     rows = []
-    for path in args.results:
-        result = json.load(open(path))
-        base = ParallelCompConfig(**{k: v for k, v in result["config"].items()
-                                     if k in ("chunk_tokens", "snap_to_sentences", "keep_chunks", "max_new_tokens",
-                                              "kv_budget", "score_window", "gqa_reduce")})
-        for case_row in result["cases"]:
-            if not case_row.get("kept_chunks"):
-                continue
-            case = TASKS[result["task"]](pc.tokenizer, case_row["target_tokens"], depth=case_row["depth"],
-                                         question=result.get("question", "cue"))
-            assert case.answer == case_row["answer"], "the case generator changed since the run"
-            cfg = dataclasses.replace(base, instruction=case.instruction)
+    try:
+        # The run's settings and B; the pooling is the variant's.
+        for _, result, case_row, case, cfg in run_cases(pc, args.results, RUN_SETTINGS + ("kv_budget",)):
             for v in variants:
                 current["window"] = windows[v]
                 t = time.perf_counter()
@@ -96,6 +86,9 @@ def main() -> int:
                 os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
                 with open(args.out, "w") as f:
                     json.dump({"variants": variants, "rows": rows}, f, indent=1)
+    except ChunkingChanged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print("| task | tokens | " + " | ".join(variants) + " |")
     print("|---|---:|" + "---:|" * len(variants))
     for key in dict.fromkeys((r["task"], r["tokens"]) for r in rows):
