@@ -7,6 +7,8 @@ Every (method, length) runs in its own subprocess so that peak RSS belongs to th
 (transformers LlamaForCausalLM, sdpa, the whole document in one causal pass, then greedy decoding with its
 cache), the last one only up to --hf-max tokens. Also measured: the machine's GEMM rate at the model's
 shapes, and the linear-layer floor for each length (2 x non-embedding parameters x tokens / rate).
+--breakdown adds a profiled second prefill split into linear GEMMs, attention and other ops (multiples of
+the floor); --chunk-tokens runs ParallelComp at another chunk length.
 Prints a markdown table and, with --plot (matplotlib, `pip install -e .[plot]`), a PNG of prefill time and
 peak RSS against document length; --plot-only JSON redraws the PNG from earlier results. Never asserts
 timings.
@@ -33,43 +35,101 @@ def essay_text(tokenizer, tokens: int) -> str:
     return tokenizer.decode(list(ids[:tokens]))
 
 
+def _median_rate(flops: float, step, seconds: float, min_repeats: int) -> float:
+    step()  # warm-up
+    times, start = [], time.perf_counter()
+    while len(times) < min_repeats or time.perf_counter() - start < seconds:
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return flops / times[len(times) // 2]
+
+
 def gemm_rate(hidden: int, inter: int, rows: int = 2048, seconds: float = 3.0, min_repeats: int = 10) -> float:
-    """Median FLOP/s of the model's MLP-shaped fp32 GEMMs on this machine, over at least `seconds` of
+    """Median FLOP/s of the model's MLP-shaped fp32 GEMM pair on `rows` random rows, over at least `seconds` of
     repeats (a handful of repeats read anywhere from 64 to 93 GFLOP/s on the same idle 2-core machine)."""
     import torch
 
     x = torch.randn(rows, hidden)
     w1, w2 = torch.randn(inter, hidden), torch.randn(hidden, inter)
-    (x @ w1.T) @ w2.T  # warm-up
-    times, start = [], time.perf_counter()
-    while len(times) < min_repeats or time.perf_counter() - start < seconds:
-        t = time.perf_counter()
-        h = x @ w1.T
-        h @ w2.T
-        times.append(time.perf_counter() - t)
-    times.sort()
-    return 2 * 2 * rows * hidden * inter / times[len(times) // 2]
+    return _median_rate(2 * 2 * rows * hidden * inter, lambda: (x @ w1.T) @ w2.T, seconds, min_repeats)
 
 
-def run_one(method: str, tokens: int, max_new: int) -> dict:
+def layer_gemm_rate(model, rows: int, seconds: float = 3.0, min_repeats: int = 5) -> float:
+    """Median FLOP/s of one decoder layer's seven projections (q, k, v, o, gate, up, down: the model's own
+    weights, so every shape the linear floor counts, weighted by its FLOPs) on `rows` rows, the row count of
+    one prefill batch."""
+    import torch
+    import torch.nn.functional as F
+
+    attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
+    weights = [m.weight.detach() for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
+                                           mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
+    x = torch.randn(rows, weights[0].shape[1], dtype=weights[0].dtype)
+    h = torch.randn(rows, weights[-1].shape[1], dtype=weights[0].dtype)
+    inputs = [h if w.shape[1] == h.shape[1] else x for w in weights]
+    flops = sum(2 * rows * w.numel() for w in weights)
+    return _median_rate(flops, lambda: [F.linear(a, w) for a, w in zip(inputs, weights)], seconds, min_repeats)
+
+
+_LINEAR_OPS = ("aten::mm", "aten::addmm", "aten::linear", "aten::matmul")  # matmul: only its self time
+_ATTENTION_OPS = ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math")
+
+
+def prefill_breakdown(prof) -> dict:
+    """Self CPU seconds of one profiled prefill by kind: the linear layers' GEMMs, the attention kernel, and
+    every other op (norms, rotary, activation, residual adds, window scores, KV selection, copies)."""
+    out = {"linear_s": 0.0, "attention_s": 0.0, "other_ops_s": 0.0}
+    for e in prof.key_averages():
+        kind = "linear_s" if e.key in _LINEAR_OPS else "attention_s" if e.key in _ATTENTION_OPS else "other_ops_s"
+        out[kind] += e.self_cpu_time_total / 1e6
+    return out
+
+
+def run_one(method: str, tokens: int, max_new: int, breakdown: bool = False, chunk_tokens: int | None = None) -> dict:
     import torch
 
     from parallelcomp_triton import ParallelComp, ParallelCompConfig
 
     pc = ParallelComp.from_pretrained(None)
     doc = essay_text(pc.tokenizer, tokens)
-    # The GEMM rate right before the run, in the same process: the floor it sets is side by side with the
-    # prefill it is compared to, not minutes apart.
-    out = {"method": method, "tokens": tokens,
-           "gemm_gflops": gemm_rate(pc.args.hidden_size, pc.args.intermediate_size) / 1e9}
+    cfg = ParallelCompConfig(mode=method if method != "hf_full" else "parallelcomp", max_new_tokens=max_new,
+                             ignore_eos=True,  # fixed decode steps
+                             **({"chunk_tokens": chunk_tokens} if chunk_tokens else {}))
+    # The GEMM rates right before the run, in the same process: the floor they set is side by side with the
+    # prefill it is compared to, not minutes apart. `gemm_gflops` (the floor's rate): the seven projections
+    # of a layer at the row count of one prefill batch; `gemm_mlp_gflops`: the MLP pair alone at 2048 rows
+    # (the earlier probe, kept for comparison; the fastest of the model's shapes).
+    out = {"method": method, "tokens": tokens, "chunk_tokens": cfg.chunk_tokens,
+           "gemm_mlp_gflops": gemm_rate(pc.args.hidden_size, pc.args.intermediate_size) / 1e9,
+           "gemm_gflops": layer_gemm_rate(pc.model, cfg.batch_chunks * (cfg.chunk_tokens or 1024)) / 1e9}
     if method in ("parallelcomp", "truncate"):
-        cfg = ParallelCompConfig(mode=method, max_new_tokens=max_new, ignore_eos=True)  # fixed decode steps
         res = pc.generate(doc, QUESTION, config=cfg)
         st = res.stats
         out.update(prefill_s=st["time_prefill_s"], question_s=st["time_question_s"],
                    decode_ms_per_token=st["decode_ms_per_token"], new_tokens=st["new_tokens"],
                    kv_cache_bytes=st["kv_cache_bytes"], document_tokens=st["document_tokens"],
-                   chunks=len(st["chunk_spans"]), answer=res.text)
+                   chunks=len(st["chunk_spans"]), answer=res.text,
+                   peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        if breakdown:
+            # A second prefill of the same document under torch.profiler (the timed one above runs without it).
+            from torch.profiler import ProfilerActivity, profile
+
+            profiled, run_prefill = [], pc.prefill
+
+            def prefill(*args, **kwargs):
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    t = time.perf_counter()
+                    run_prefill(*args, **kwargs)
+                    wall = time.perf_counter() - t
+                profiled.append((prof, wall))
+
+            pc.prefill = prefill
+            pc.generate(doc, QUESTION, config=ParallelCompConfig(mode=method, max_new_tokens=1,
+                                                                 chunk_tokens=cfg.chunk_tokens))
+            prof, wall = profiled[0]
+            out["breakdown"] = dict(prefill_breakdown(prof), profiled_prefill_s=wall)
     else:
         from transformers import AutoModelForCausalLM
 
@@ -92,7 +152,8 @@ def run_one(method: str, tokens: int, max_new: int) -> dict:
             cfg.hidden_size // cfg.num_attention_heads) * 4
         out.update(prefill_s=prefill, question_s=0.0, decode_ms_per_token=1000 * dec / max(1, max_new - 1),
                    new_tokens=max_new, kv_cache_bytes=kv, document_tokens=ids.shape[1], chunks=1)
-    out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # Before any profiled run (the profiler's event buffers would count).
+    out.setdefault("peak_rss_bytes", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return out
 
 
@@ -138,10 +199,15 @@ def main() -> int:
     p.add_argument("--out", default="results/e2e.json")
     p.add_argument("--plot", default=None, help="also write a PNG of time and memory against length")
     p.add_argument("--plot-only", default=None, metavar="JSON", help="redraw --plot from an earlier results file")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also profile a second prefill per ParallelComp row: seconds in the linear GEMMs, the "
+                        "attention kernel and all other ops, each as a multiple of the floor")
+    p.add_argument("--chunk-tokens", type=int, default=None,
+                   help="ParallelComp chunk length (default: the package default)")
     p.add_argument("--one", nargs=2, metavar=("METHOD", "TOKENS"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
-        print(json.dumps(run_one(args.one[0], int(args.one[1]), args.max_new_tokens)))
+        print(json.dumps(run_one(args.one[0], int(args.one[1]), args.max_new_tokens, args.breakdown, args.chunk_tokens)))
         return 0
     if args.plot_only:
         plot(json.load(open(args.plot_only)), args.plot or os.path.splitext(args.plot_only)[0] + ".png")
@@ -161,7 +227,8 @@ def main() -> int:
             if method == "hf_full" and n > args.hf_max:
                 continue
             proc = subprocess.run([sys.executable, __file__, "--one", method, str(n),
-                                   "--max-new-tokens", str(args.max_new_tokens)],
+                                   "--max-new-tokens", str(args.max_new_tokens)] + ["--breakdown"] * args.breakdown
+                                  + ["--chunk-tokens", str(args.chunk_tokens)] * bool(args.chunk_tokens),
                                   capture_output=True, text=True)
             if proc.returncode != 0:
                 print(f"{method} {n}: failed: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
@@ -169,6 +236,7 @@ def main() -> int:
             row = json.loads(proc.stdout.strip().splitlines()[-1])
             row["linear_floor_s"] = 2 * non_embedding * row["document_tokens"] / (row["gemm_gflops"] * 1e9)
             row["prefill_over_floor"] = row["prefill_s"] / row["linear_floor_s"]
+            row["prefill_over_mlp_floor"] = row["prefill_s"] * row["gemm_mlp_gflops"] / row["gemm_gflops"] / row["linear_floor_s"]
             rows.append(row)
             print(f"{method:>12} {n:>7}: prefill {row['prefill_s']:.1f} s ({row['prefill_over_floor']:.2f}x floor), "
                   f"GEMM {row['gemm_gflops']:.1f} GFLOP/s, decode {row['decode_ms_per_token']:.1f} ms/token, RSS {row['peak_rss_bytes'] / 2**30:.2f} GiB",
@@ -181,13 +249,24 @@ def main() -> int:
     if args.plot:
         plot(result, args.plot)
     print(f"GEMM rate {rate / 1e9:.1f} GFLOP/s (fp32, {torch.get_num_threads()} threads)\n")
-    print("| method | tokens | chunks | prefill s | GEMM GFLOP/s | x linear floor | question s | decode ms/token | "
-          "peak RSS GiB | KV MiB |")
+    print("| method | tokens | chunks | prefill s | GEMM GFLOP/s layer / MLP | x linear floor (layer / MLP probe) | "
+          "question s | decode ms/token | peak RSS GiB | KV MiB |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['method']} | {r['document_tokens']} | {r['chunks']} | {r['prefill_s']:.1f} | "
-              f"{r['gemm_gflops']:.1f} | {r['prefill_over_floor']:.2f} | {r['question_s']:.2f} | {r['decode_ms_per_token']:.1f} | "
+              f"{r['gemm_gflops']:.1f} / {r['gemm_mlp_gflops']:.1f} | {r['prefill_over_floor']:.2f} / "
+              f"{r['prefill_over_mlp_floor']:.2f} | {r['question_s']:.2f} | {r['decode_ms_per_token']:.1f} | "
               f"{r['peak_rss_bytes'] / 2**30:.2f} | {r['kv_cache_bytes'] / 2**20:.1f} |")
+    broken = [r for r in rows if "breakdown" in r]
+    if broken:
+        print("\nProfiled prefill (a second run under torch.profiler), self CPU seconds and multiples of the floor:\n")
+        print("| method | tokens | profiled prefill s | linear GEMMs | attention kernel | other ops | not in ops |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for r in broken:
+            b, f = r["breakdown"], r["linear_floor_s"]
+            rest = b["profiled_prefill_s"] - b["linear_s"] - b["attention_s"] - b["other_ops_s"]
+            cells = [f"{s:.1f} s ({s / f:.2f}x)" for s in (b["linear_s"], b["attention_s"], b["other_ops_s"], rest)]
+            print(f"| {r['method']} | {r['document_tokens']} | {b['profiled_prefill_s']:.1f} | " + " | ".join(cells) + " |")
     return 0
 
 

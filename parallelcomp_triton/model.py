@@ -143,8 +143,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # fp32 statistics whatever the activation dtype, as transformers does.
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        inv = xf.pow(2).mean(-1, keepdim=True).add_(self.eps).rsqrt_()
+        h = (xf * inv).to(x.dtype)
+        # In place when the dtypes agree (the same products as weight * h, without another [N, hidden] buffer).
+        return h.mul_(self.weight) if h.dtype == self.weight.dtype else self.weight * h
 
 
 class Attention(nn.Module):
@@ -157,12 +159,16 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(args.hidden_size, args.num_kv_heads * args.head_dim, bias=False)
         self.o_proj = nn.Linear(args.num_heads * args.head_dim, args.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: AttendFn) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: AttendFn,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """rows: project only these rows of the attention output (K/V and attention still cover all of x)."""
         n = x.shape[0]
         q = apply_rope(self.q_proj(x).view(n, self.num_heads, self.head_dim), cos, sin)
         k = apply_rope(self.k_proj(x).view(n, self.num_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
         out = attend(self.layer_idx, q, k, v)
+        if rows is not None:
+            out, n = out[rows], rows.numel()
         return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
 
 
@@ -185,9 +191,12 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, x, cos, sin, attend):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attend)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, attend, rows=None):
+        """rows: the output rows wanted (default all); the others are never projected or sent through the MLP."""
+        h = self.self_attn(self.input_layernorm(x), cos, sin, attend, rows)
+        # Residual adds into the fresh sublayer outputs (x + h == h + x exactly), saving two [N, hidden] buffers.
+        x = h.add_(x if rows is None else x[rows])
+        return self.mlp(self.post_attention_layernorm(x)).add_(x)
 
 
 class Transformer(nn.Module):
@@ -209,12 +218,19 @@ class Transformer(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attend: AttendFn) -> torch.Tensor:
-        """Packed tokens [N] at positions [N] -> final-normed hidden states [N, hidden]."""
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attend: AttendFn,
+                out_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Packed tokens [N] at positions [N] -> final-normed hidden states [N, hidden], or [len(out_rows),
+        hidden] for just the rows `out_rows` (an index tensor). Callers that read a few rows (the question's
+        logits) pass them: the last layer's output projection and MLP then skip every other row, a thirtieth
+        of the linear work on the bundled model. Every layer still computes K/V (and attend) for all N."""
         x = self.embed_tokens(input_ids)
         cos, sin = self.rope(position_ids, x.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin, attend)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, attend, out_rows if i == last else None)
+        if out_rows is not None and not self.layers:
+            x = x[out_rows]
         return self.norm(x)
 
     def lm_head_rows(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -356,13 +356,15 @@ class ParallelComp:
                         observer.chunk_scores(layer, cache.index, scores[a:b], keep_idx[i, :, :n])
                 return out
 
-            hidden = model(ids_t, pos_t, attend)
+            # The only final hidden states read: the rows that predict the question tokens (none without a
+            # question), so the model's last layer projects and MLPs these alone.
+            rows = torch.cat([torch.arange(b - 1, b - 1 + len(sfx), device=device)
+                              for (_, b), sfx in zip(ctx_rows, suffixes)])
+            hidden = model(ids_t, pos_t, attend, out_rows=rows)
             if append_question:
                 # Question NLL given the chunk, from the few rows that predict the question tokens.
-                rows = torch.cat([torch.arange(b - 1, b - 1 + len(sfx), device=device)
-                                  for (_, b), sfx in zip(ctx_rows, suffixes)])
                 target = torch.tensor([t for sfx in suffixes for t in sfx], dtype=torch.long, device=device)
-                losses = F.cross_entropy(model.lm_head_rows(hidden[rows]), target, reduction="none")
+                losses = F.cross_entropy(model.lm_head_rows(hidden), target, reduction="none")
                 nll = torch.stack([part[a:b].mean() for part, (a, b)
                                    in zip(losses.split([len(sfx) for sfx in suffixes]), scored)])
                 for cache, value in zip(caches, nll.tolist()):
@@ -420,11 +422,11 @@ class ParallelComp:
                                         return_lse=False, backend=backend)
             return out
 
-        hidden = model(ids, pos, attend)
+        hidden = model(ids, pos, attend, out_rows=torch.tensor([m - 1], device=device))
         cache.lengths[row] = merged + m
         if cal is not None:
             stats["calibration_masked_per_head"] = masked_counts
-        return model.lm_head_rows(hidden[-1:])
+        return model.lm_head_rows(hidden)
 
     def _decode(self, cfg, cache: CompressedKVCache, logits: torch.Tensor,
                 positions: list[int]) -> tuple[list[list[int]], int]:

@@ -112,6 +112,28 @@ def test_tiny_logits_and_greedy_match_transformers(tiny_dirs, variant):
     assert greedy_ours_teacher_forced(ours, prompt, expected) == expected
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_out_rows_give_the_full_forwards_rows(tiny_dirs, dtype):
+    """forward(..., out_rows=R) skips the last layer's projection and MLP for the other rows: the rows it
+    returns must be the full forward's rows R, over packed sequences, in any order, and none at all."""
+    model = load_transformer(tiny_dirs["gqa3_tied"], dtype=dtype)
+    gen = torch.Generator().manual_seed(7)
+    lens = [113, 1, 57]
+    ids = torch.randint(0, TINY_VOCAB, (sum(lens),), generator=gen)
+    pos = torch.cat([torch.arange(n) for n in lens])
+    cu = torch.tensor([0, 113, 114, 171], dtype=torch.int32)
+    attend = model.causal_attend(cu)
+    with torch.no_grad():
+        full = model(ids, pos, attend)
+        for rows in ([112, 113, 170, 0], [5], []):
+            index = torch.tensor(rows, dtype=torch.long)
+            got = model(ids, pos, attend, out_rows=index)
+            assert got.shape == (len(rows), model.args.hidden_size) and got.dtype == full.dtype
+            # Same products; only the GEMM's row count differs, which may move the last bit.
+            tol = 1e-5 if dtype == "float32" else 2e-2
+            torch.testing.assert_close(got, full[index], rtol=tol, atol=tol)
+
+
 def test_tiny_sharded_save_is_really_sharded(tiny_dirs):
     files = sorted(p.name for p in tiny_dirs["sharded"].iterdir())
     assert "model.safetensors.index.json" in files and "model.safetensors" not in files
