@@ -16,6 +16,7 @@ timings.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -126,8 +127,7 @@ def run_one(method: str, tokens: int, max_new: int, breakdown: bool = False, chu
                 profiled.append((prof, wall))
 
             pc.prefill = prefill
-            pc.generate(doc, QUESTION, config=ParallelCompConfig(mode=method, max_new_tokens=1,
-                                                                 chunk_tokens=cfg.chunk_tokens))
+            pc.generate(doc, QUESTION, config=dataclasses.replace(cfg, max_new_tokens=1))  # same settings
             prof, wall = profiled[0]
             out["breakdown"] = dict(prefill_breakdown(prof), profiled_prefill_s=wall)
     else:
