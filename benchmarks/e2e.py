@@ -97,7 +97,7 @@ def run_one(method: str, tokens: int, max_new: int, breakdown: bool = False, chu
     doc = essay_text(pc.tokenizer, tokens)
     cfg = ParallelCompConfig(mode=method if method != "hf_full" else "parallelcomp", max_new_tokens=max_new,
                              ignore_eos=True,  # fixed decode steps
-                             **({"chunk_tokens": chunk_tokens} if chunk_tokens else {}))
+                             **({"chunk_tokens": chunk_tokens} if chunk_tokens is not None else {}))
     # The GEMM rates right before the run, in the same process: the floor they set is side by side with the
     # prefill it is compared to, not minutes apart. `gemm_gflops` (the floor's rate): the seven projections
     # of a layer at the row count of one prefill batch; `gemm_mlp_gflops`: the MLP pair alone at 2048 rows
@@ -183,8 +183,10 @@ def plot(result: dict, path: str) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     m = result.get("machine", {})
-    fig.suptitle(f"SmolLM2-135M fp32, CPU, {m.get('threads', '?')} threads, GEMM {m.get('gemm_gflops', 0):.0f} GFLOP/s",
-                 fontsize=10)
+    # Each row's own probe (results from older versions of this script kept one probe under "machine").
+    rates = [r["gemm_gflops"] for r in rows if "gemm_gflops" in r] or [m.get("gemm_gflops", 0)]
+    fig.suptitle(f"SmolLM2-135M fp32, CPU, {m.get('threads', '?')} threads, GEMM "
+                 f"{min(rates):.0f}-{max(rates):.0f} GFLOP/s", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -206,6 +208,8 @@ def main() -> int:
                    help="ParallelComp chunk length (default: the package default)")
     p.add_argument("--one", nargs=2, metavar=("METHOD", "TOKENS"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.chunk_tokens is not None and args.chunk_tokens < 1:
+        p.error(f"--chunk-tokens {args.chunk_tokens}: must be >= 1")
     if args.one:
         print(json.dumps(run_one(args.one[0], int(args.one[1]), args.max_new_tokens, args.breakdown, args.chunk_tokens)))
         return 0
@@ -220,7 +224,6 @@ def main() -> int:
     h, i, n_layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
     kv_dim = cfg["num_key_value_heads"] * (h // cfg["num_attention_heads"])
     non_embedding = n_layers * (2 * h * h + 2 * h * kv_dim + 3 * h * i)
-    rate = gemm_rate(h, i)
     rows = []
     for n in [int(x) for x in args.lengths.split(",")]:
         for method in args.methods.split(","):
@@ -228,7 +231,7 @@ def main() -> int:
                 continue
             proc = subprocess.run([sys.executable, __file__, "--one", method, str(n),
                                    "--max-new-tokens", str(args.max_new_tokens)] + ["--breakdown"] * args.breakdown
-                                  + ["--chunk-tokens", str(args.chunk_tokens)] * bool(args.chunk_tokens),
+                                  + ["--chunk-tokens", str(args.chunk_tokens)] * (args.chunk_tokens is not None),
                                   capture_output=True, text=True)
             if proc.returncode != 0:
                 print(f"{method} {n}: failed: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
@@ -241,14 +244,15 @@ def main() -> int:
             print(f"{method:>12} {n:>7}: prefill {row['prefill_s']:.1f} s ({row['prefill_over_floor']:.2f}x floor), "
                   f"GEMM {row['gemm_gflops']:.1f} GFLOP/s, decode {row['decode_ms_per_token']:.1f} ms/token, RSS {row['peak_rss_bytes'] / 2**30:.2f} GiB",
                   file=sys.stderr, flush=True)
-    result = {"machine": {"threads": torch.get_num_threads(), "gemm_gflops": rate / 1e9, "torch": torch.__version__},
+    # No machine-wide GEMM rate: each row carries the probes taken in its own process, right before it.
+    result = {"machine": {"threads": torch.get_num_threads(), "torch": torch.__version__},
               "non_embedding_params": non_embedding, "rows": rows}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     if args.plot:
         plot(result, args.plot)
-    print(f"GEMM rate {rate / 1e9:.1f} GFLOP/s (fp32, {torch.get_num_threads()} threads)\n")
+    print(f"fp32, {torch.get_num_threads()} threads; GEMM rates probed in each row's own process\n")
     print("| method | tokens | chunks | prefill s | GEMM GFLOP/s layer / MLP | x linear floor (layer / MLP probe) | "
           "question s | decode ms/token | peak RSS GiB | KV MiB |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
