@@ -3,10 +3,31 @@
 Each family has a Triton kernel, a fast PyTorch path and a naive reference; the public functions
 below choose between the first two through `_backend.resolve_backend` (the one dispatch point).
 """
-from ._backend import resolve_backend, triton_interpret_enabled
-from .chunk_attention import chunk_attention
-from .decode_attention import decode_attention
-from .select_kv import gather_kv, select_kv
+if __name__ == "kernels":
+    # Imported as a top-level `kernels`: the repository root is on sys.path (`python -m`, `-c`, `-`,
+    # pytest and torchrun put the working directory first), so this folder shadows the PyPI package
+    # `kernels` that transformers imports. Hand the import over to that package (the import system
+    # returns whatever sys.modules holds once this file has run), or fail as a missing module would,
+    # so `import kernels` means the same in the repository root as anywhere else. Done here, with no
+    # submodule import, so nothing of ours is left in sys.modules under the name `kernels`.
+    import importlib.machinery
+    import importlib.util
+    import os
+    import sys
 
-__all__ = ["chunk_attention", "select_kv", "gather_kv", "decode_attention", "resolve_backend",
-           "triton_interpret_enabled"]
+    _root = os.path.realpath(os.path.dirname(os.path.dirname(__file__)))
+    _path = [p for p in sys.path if os.path.realpath(p or os.curdir) != _root]
+    _spec = importlib.machinery.PathFinder.find_spec(__name__, _path)
+    if _spec is None:
+        raise ModuleNotFoundError(f"No module named {__name__!r}", name=__name__)
+    _module = importlib.util.module_from_spec(_spec)
+    sys.modules[__name__] = _module
+    _spec.loader.exec_module(_module)
+else:
+    from ._backend import resolve_backend, triton_interpret_enabled
+    from .chunk_attention import chunk_attention
+    from .decode_attention import decode_attention
+    from .select_kv import gather_kv, select_kv
+
+    __all__ = ["chunk_attention", "select_kv", "gather_kv", "decode_attention", "resolve_backend",
+               "triton_interpret_enabled"]

@@ -1,0 +1,77 @@
+"""Run from the repository root, as a newcomer does: the top-level `kernels/` folder (installed as
+parallelcomp_triton.kernels) must not shadow Hugging Face's `kernels` package, which transformers imports
+when it loads a tokenizer. `python -m`, `-c` and `-` put the working directory first on sys.path."""
+import importlib.metadata
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+OURS = REPO / "kernels" / "__init__.py"
+
+
+def python(*args, cwd=REPO, stdin=None, timeout=300):
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    return subprocess.run([sys.executable, *args], cwd=cwd, input=stdin, capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def hf_kernels_installed() -> bool:
+    try:
+        importlib.metadata.distribution("kernels")
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+needs_hf_kernels = pytest.mark.skipif(not hf_kernels_installed(), reason="Hugging Face's kernels is not installed")
+WHICH = "import kernels; print(kernels.__file__)"
+
+
+@needs_hf_kernels
+@pytest.mark.parametrize("how", ["-c", "-"])
+@pytest.mark.parametrize("where", ["repo root", "elsewhere"])
+def test_import_kernels_gives_hugging_faces(how, where, tmp_path):
+    args, stdin = (("-c", WHICH), None) if how == "-c" else (("-",), WHICH)
+    proc = python(*args, cwd=REPO if where == "repo root" else tmp_path, stdin=stdin)
+    assert proc.returncode == 0, proc.stderr
+    found = pathlib.Path(proc.stdout.strip()).resolve()
+    assert found != OURS.resolve()
+    assert found.parent.name == "kernels" and "site-packages" in found.parts
+    # Ours is still the installed package's kernels, in the same process as theirs.
+    proc = python("-c", WHICH + "; import parallelcomp_triton.kernels as k; print(k.__file__, k.chunk_attention)",
+                  cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert pathlib.Path(proc.stdout.split()[1]).resolve() == OURS.resolve()
+
+
+def test_without_hugging_faces_kernels_import_fails_as_anywhere_else():
+    """With site-packages out of sys.path (so no `kernels` distribution), the repo root's folder must not
+    stand in for the missing package: the import fails as it would in any other directory."""
+    code = ("import sys; sys.path[:] = [p for p in sys.path if 'site-packages' not in p]\n"
+            "try:\n    import kernels\nexcept ModuleNotFoundError as e:\n    print('missing', e.name)\n"
+            "else:\n    print('imported', kernels.__file__)\n"
+            "print(sorted(m for m in sys.modules if m == 'kernels' or m.startswith('kernels.')))")
+    proc = python("-c", code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["missing kernels", "[]"]
+
+
+@needs_hf_kernels
+@pytest.mark.slow
+def test_tokenizer_and_cli_answer_from_repo_root(bundled_model_dir, tmp_path):
+    """The newcomer's first run: transformers loads the bundled tokenizer, and the CLI answers, both in a
+    process started in the repository root."""
+    proc = python("-c", f"from transformers import AutoTokenizer; "
+                        f"print(len(AutoTokenizer.from_pretrained({str(bundled_model_dir)!r})('pass key').input_ids))")
+    assert proc.returncode == 0, proc.stderr
+    assert int(proc.stdout) > 0
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The pass key is 31337. Remember it. " + "The grass is green. The sky is blue. " * 50)
+    proc = python("-m", "parallelcomp_triton.run", "--input", str(doc), "--question",
+                  "What is the pass key? The pass key is", "--max-new-tokens", "6", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert "31337" in proc.stdout
