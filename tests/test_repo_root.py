@@ -75,3 +75,16 @@ def test_tokenizer_and_cli_answer_from_repo_root(bundled_model_dir, tmp_path):
                   "What is the pass key? The pass key is", "--max-new-tokens", "6", "--no-progress")
     assert proc.returncode == 0, proc.stderr
     assert "31337" in proc.stdout
+
+
+def test_no_other_module_named_kernels():
+    """`python benchmarks/x.py` puts benchmarks/ first on sys.path: a kernels.py there shadowed Hugging Face's
+    package the same way (the tokenizer failed to load in every e2e run). Only the package folder, with its
+    hand-over, may carry the name."""
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True).stdout.split()
+    if not tracked:
+        pytest.skip("not a git checkout")
+    shadows = sorted(p for p in tracked if pathlib.PurePath(p).name in ("kernels.py", "kernels")
+                     or (pathlib.PurePath(p).parent.name == "kernels" and pathlib.PurePath(p).parent.parent != pathlib.PurePath(".")
+                         and pathlib.PurePath(p).name == "__init__.py"))
+    assert shadows == [], shadows

@@ -1,7 +1,7 @@
 """Kernel microbenchmarks: each kernel family over realistic shapes, against what users run instead.
 
-    python benchmarks/kernels.py                       # this machine: CPU path, SmolLM2 shapes, ~2-3 min
-    python benchmarks/kernels.py --models llama3-8b,smollm2-135m --out results/kernels.json   # on a GPU
+    python benchmarks/kernel_bench.py                       # this machine: CPU path, SmolLM2 shapes, ~2-3 min
+    python benchmarks/kernel_bench.py --models llama3-8b,smollm2-135m --out results/kernels.json   # on a GPU
 
 Shapes: Llama-3-8B (32 query / 8 KV heads, d 128) and SmolLM2-135M (9 / 3, d 64); chunk prefill over
 chunk lengths 2K-8K (packed varlen, --batch chunks), decoding over merged caches of 1K-32K tokens.
@@ -236,7 +236,7 @@ def environment(device: torch.device, backend: str, dtype: torch.dtype, argv) ->
     import triton
 
     env = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
-           "command": "python benchmarks/kernels.py " + " ".join(argv),
+           "command": "python benchmarks/kernel_bench.py " + " ".join(argv),
            "python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
            "backend": backend, "dtype": str(dtype).replace("torch.", ""),
