@@ -3,7 +3,7 @@ from setuptools import setup
 setup(
     name="parallelcomp-triton",
     version="0.1.0",
-    description="ParallelComp long-context compression for Llama models, with hand-written Triton kernels",
+    description="ParallelComp long-context compression for Llama, Mistral and Qwen models, with hand-written Triton kernels",
     packages=["parallelcomp_triton", "parallelcomp_triton.kernels"],
     # The kernels live in ./kernels but are installed as parallelcomp_triton.kernels:
     # a top-level module named `kernels` would clash with another PyPI package.

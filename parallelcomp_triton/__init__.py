@@ -1,4 +1,4 @@
-"""parallelcomp-triton: ParallelComp long-context inference for Llama models, with Triton kernels."""
+"""parallelcomp-triton: ParallelComp long-context inference for Llama, Mistral and Qwen models, with Triton kernels."""
 from .config import Calibration, ParallelCompConfig
 from .errors import ParallelCompError
 from .pipeline import GenerationResult, ParallelComp

@@ -1,14 +1,21 @@
-"""Load a Hugging Face Llama checkpoint directory into the project's ``Transformer``.
+"""Load a Hugging Face Llama, Mistral, Qwen2 or Qwen3 checkpoint into the project's ``Transformer``.
 
-Reads ``config.json``, ``model.safetensors`` (or a sharded ``model.safetensors.index.json``) and the
-tokenizer, all offline. Weights are memory-mapped and converted one tensor at a time, and the model
-is built on the meta device, so peak memory is one copy of the weights in the requested dtype.
+A model is named by a directory or a Hub repo id (``org/name``, ``org/name@revision``): an existing
+directory wins; a repo id is resolved through the local Hugging Face cache (``HF_HUB_CACHE`` / ``HF_HOME``),
+downloading only what loading needs (config, safetensors weights, tokenizer files) unless
+``HF_HUB_OFFLINE=1``. Everything after that reads local files only.
+
+Reads ``config.json`` (plus ``generation_config.json``'s EOS ids), ``model.safetensors`` (or a sharded
+``model.safetensors.index.json``) and the tokenizer. Weights are memory-mapped and converted one tensor
+at a time, and the model is built on the meta device, so peak memory is one copy of the weights in the
+requested dtype.
 
 Pickled weights (``pytorch_model.bin``, ``*.pt``, ``*.pth``) are refused: unpickling runs arbitrary
 code. Every bad input raises ``ParallelCompError`` with a one-line message naming the file.
 
 Checkpoint tensors must match the model exactly: a missing tensor, a wrong shape or an unknown extra
-tensor is an error (an extra tensor usually means another architecture, e.g. attention biases).
+tensor is an error (an extra tensor usually means another architecture, e.g. biases the config does not
+announce).
 Only rotary ``inv_freq`` buffers, which old checkpoints saved and the model recomputes, are skipped.
 With ``tie_word_embeddings`` the output projection is the embedding matrix, as in transformers, and
 a saved ``lm_head.weight`` is ignored.
@@ -19,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 from typing import Iterator
 
 import torch
@@ -27,6 +35,7 @@ from parallelcomp_triton.bundled import bundled_model_dir, one_line_error
 from parallelcomp_triton.errors import ParallelCompError
 
 CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -48,16 +57,106 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     raise ParallelCompError(f"dtype {dtype!r}: expected one of float32, bfloat16, float16")
 
 
+# A Hub repo id, optionally pinned: "org/name" or "org/name@revision" (branch, tag or commit).
+_REPO_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>\S+))?")
+# What loading reads from a Hub repo. Never pickled weights; the safetensors shards are fetched by the
+# names the index lists (a repo may also hold e.g. Mistral's consolidated.safetensors, a second full copy).
+HUB_FILES = [
+    CONFIG_FILE, GENERATION_CONFIG_FILE, SAFETENSORS_FILE, SAFETENSORS_INDEX_FILE,
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
+    "merges.txt", "added_tokens.json", "chat_template.jinja",
+]
+
+
 def resolve_model_dir(model_dir: str | os.PathLike | None) -> pathlib.Path:
-    """The checkpoint directory to load: ``None`` means the bundled SmolLM2-135M-Instruct."""
+    """The checkpoint directory to load: ``None`` means the bundled SmolLM2-135M-Instruct; an existing
+    directory is itself; otherwise ``org/name`` or ``org/name@revision`` is a Hugging Face Hub repo,
+    resolved to its snapshot in the local Hugging Face cache (downloaded there first when online)."""
     if model_dir is None:
         return bundled_model_dir()
     path = pathlib.Path(model_dir).expanduser()
     if not path.exists():
+        match = _REPO_ID.fullmatch(model_dir) if isinstance(model_dir, str) else None
+        if match and ".." not in match["repo"]:
+            return hub_snapshot_dir(match["repo"], match["revision"])
         raise ParallelCompError(f"{path}: model directory does not exist")
     if not path.is_dir():
         raise ParallelCompError(f"{path}: not a directory (expected a Hugging Face model directory)")
     return path
+
+
+def hub_snapshot_dir(repo_id: str, revision: str | None = None) -> pathlib.Path:
+    """The local snapshot of Hub repo `repo_id` at `revision` (default: main) with the files loading needs.
+
+    huggingface_hub does the work and honours its environment: HF_HUB_CACHE / HF_HOME pick the cache,
+    HF_TOKEN authenticates, HF_HUB_OFFLINE=1 reads the cache only. Online, it checks the revision on the
+    Hub and downloads whatever the cache lacks (with its own progress bars); if the Hub cannot be reached it
+    falls back to the cache. Every failure is one ParallelCompError line."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    label = f"{repo_id}@{revision}" if revision else repo_id
+    offline = bool(constants.HF_HUB_OFFLINE)
+    try:
+        path = pathlib.Path(huggingface_hub.snapshot_download(
+            repo_id, revision=revision, allow_patterns=HUB_FILES, local_files_only=offline))
+        index = path / SAFETENSORS_INDEX_FILE
+        if index.is_file():  # a sharded checkpoint: the shards it lists, at the commit just resolved
+            index_json = _read_json(index)
+            weight_map = index_json.get("weight_map") if isinstance(index_json, dict) else None
+            if isinstance(weight_map, dict) and weight_map:
+                shards = sorted({str(name) for name in weight_map.values()})
+                huggingface_hub.snapshot_download(repo_id, revision=path.name, allow_patterns=shards,
+                                                  local_files_only=offline)
+    except ParallelCompError:
+        raise
+    except Exception as e:
+        raise ParallelCompError(_hub_error(e, label, repo_id, revision, offline, constants.HF_HUB_CACHE)) from None
+    if not (path / CONFIG_FILE).is_file():
+        raise ParallelCompError(f"{label}: no {CONFIG_FILE} in the repository (not a transformers model) "
+                                f"[snapshot {path}]")
+    if not (path / SAFETENSORS_FILE).is_file() and not (path / SAFETENSORS_INDEX_FILE).is_file():
+        partial = " or the cached copy is partial (HF_HUB_OFFLINE=1)" if offline else ""
+        raise ParallelCompError(f"{label}: no safetensors weights ({SAFETENSORS_FILE} or {SAFETENSORS_INDEX_FILE}): "
+                                f"the repository has none{partial}; pickled weights (pytorch_model.bin) are "
+                                f"never downloaded or loaded [snapshot {path}]")
+    return path
+
+
+def _hub_error(e: Exception, label: str, repo_id: str, revision: str | None, offline: bool, cache: str) -> str:
+    """One line for a huggingface_hub failure while resolving `label`."""
+    from huggingface_hub import utils as errors  # the error classes, where every huggingface_hub version has them
+
+    try:
+        from huggingface_hub.errors import IncompleteSnapshotError
+    except ImportError:  # older huggingface_hub: no completeness check
+        IncompleteSnapshotError = ()
+    login = "run `hf auth login` or set HF_TOKEN"
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    if isinstance(e, IncompleteSnapshotError):
+        return (f"{label}: the cached snapshot in {cache} is incomplete and cannot be completed "
+                f"{'with HF_HUB_OFFLINE=1 (offline)' if offline else 'now (the Hub cannot be reached)'}")
+    if isinstance(e, errors.LocalEntryNotFoundError):
+        if offline:
+            return (f"{label}: not a local directory, and not in the Hugging Face cache {cache}; HF_HUB_OFFLINE=1 "
+                    "forbids downloading it (download it once online, or point HF_HUB_CACHE at a cache that has it)")
+        return (f"{label}: the Hugging Face Hub cannot be reached and the repo is not in the cache {cache} "
+                f"({one_line_error(e.__cause__ or e)})")
+    if isinstance(e, errors.GatedRepoError):
+        return (f"{label}: gated repository: request access on https://huggingface.co/{repo_id}, then {login}")
+    if isinstance(e, errors.RevisionNotFoundError):
+        return f"{label}: revision {revision!r} not found in the Hugging Face repo {repo_id}"
+    if isinstance(e, errors.RepositoryNotFoundError):
+        return (f"{label}: not a local directory, and no such Hugging Face repo (if it is private, {login})")
+    if isinstance(e, errors.DisabledRepoError):
+        return f"{label}: the Hugging Face repo is disabled"
+    if status in (401, 403):
+        return f"{label}: access denied by the Hugging Face Hub (HTTP {status}); {login}"
+    if isinstance(e, errors.HfHubHTTPError):
+        return f"{label}: download from the Hugging Face Hub failed ({one_line_error(e)})"
+    if isinstance(e, ValueError):  # HFValidationError: a name the Hub would never accept
+        return f"{label}: not a valid Hugging Face repo id ({one_line_error(e)})"
+    return f"{label}: cannot fetch the repo into the Hugging Face cache {cache} ({one_line_error(e)})"
 
 
 def read_config(model_dir: pathlib.Path) -> dict:
@@ -68,6 +167,21 @@ def read_config(model_dir: pathlib.Path) -> dict:
     if not isinstance(cfg, dict):
         raise ParallelCompError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
     return cfg
+
+
+def generation_eos_ids(model_dir: pathlib.Path) -> tuple[int, ...]:
+    """The ``eos_token_id`` ids of ``generation_config.json`` (none without the file). transformers' generate
+    stops on these, and they may differ from config.json's: Qwen2.5/Qwen3 instruct models list both
+    <|im_end|> and <|endoftext|> there, config.json only one of them. Decoding stops on both sets."""
+    from parallelcomp_triton.model import eos_ids
+
+    path = pathlib.Path(model_dir) / GENERATION_CONFIG_FILE
+    if not path.is_file():
+        return ()
+    cfg = _read_json(path)
+    if not isinstance(cfg, dict):
+        raise ParallelCompError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+    return eos_ids(cfg.get("eos_token_id"), source=str(path))
 
 
 def weight_files(model_dir: pathlib.Path) -> tuple[pathlib.Path, list[pathlib.Path]]:
@@ -129,6 +243,7 @@ def load_transformer(model_dir: str | os.PathLike | None = None, dtype: str | to
     dtype, device = parse_dtype(dtype), torch.device(device)
     cfg = read_config(model_dir)
     args = ModelArgs.from_hf_config(cfg, source=str(model_dir / CONFIG_FILE))
+    args.eos_token_ids = tuple(dict.fromkeys(args.eos_token_ids + generation_eos_ids(model_dir)))
     with torch.device("meta"):  # no memory for the random init that the checkpoint overwrites
         model = Transformer(args)
     expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
@@ -141,7 +256,8 @@ def load_transformer(model_dir: str | os.PathLike | None = None, dtype: str | to
         if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and args.tie_word_embeddings):
             continue
         if name not in expected:
-            raise ParallelCompError(f"{path}: unexpected tensor {key} (not part of a {args.num_layers}-layer Llama)")
+            raise ParallelCompError(f"{path}: unexpected tensor {key} "
+                                    f"(not part of a {args.num_layers}-layer {args.model_type} model)")
         if tuple(tensor.shape) != expected[name]:
             raise ParallelCompError(f"{path}: tensor {key} has shape {list(tensor.shape)}, "
                                     f"expected {list(expected[name])} from {CONFIG_FILE}")
@@ -182,7 +298,8 @@ def load_tokenizer(model_dir: str | os.PathLike | None = None):
 
 def load_model(model_dir: str | os.PathLike | None = None, dtype: str | torch.dtype = "float32",
                device: str | torch.device = "cpu"):
-    """(``Transformer``, tokenizer) for an HF Llama directory; ``None`` loads the bundled SmolLM2-135M."""
+    """(``Transformer``, tokenizer) for an HF model directory or Hub repo id; ``None`` loads the bundled
+    SmolLM2-135M."""
     model_dir = resolve_model_dir(model_dir)
     tokenizer = load_tokenizer(model_dir)  # cheap checks first: a bad tokenizer fails before the weights load
     return load_transformer(model_dir, dtype=dtype, device=device), tokenizer

@@ -1,4 +1,10 @@
-"""A small Llama in plain PyTorch modules (gpt-fast style).
+"""The Llama-family decoder in plain PyTorch modules (gpt-fast style): Llama, Mistral, Qwen2 and Qwen3.
+
+The families differ only in a few ``ModelArgs`` fields, not in separate model classes: biases on the
+q/k/v (Qwen2) or all attention projections (``attention_bias``), a per-head RMSNorm on q and k before
+rotary (Qwen3) and the checkpoint's ``head_dim``. ``ModelArgs.from_hf_config`` maps a ``config.json`` to
+them and refuses what the model cannot run (other architectures, MLP biases, sliding-window attention
+that would mask anything, unknown rope scaling).
 
 The model works on *packed* token streams: `input_ids` [N] and `position_ids` [N], with the
 sequence boundaries and the attention itself supplied by the caller through an `attend` callback,
@@ -25,6 +31,17 @@ AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tenso
 
 _ROPE_TYPES = ("default", "linear", "llama3")
 
+# model_type -> the one architecture of that family this model implements.
+FAMILIES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+# What transformers' config classes assume when config.json leaves a field out.
+_DEFAULT_MAX_POSITIONS = {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768, "qwen3": 32768}
+_DEFAULT_HEAD_DIM = {"qwen3": 128}  # the others: hidden_size // num_attention_heads
+
 
 @dataclass
 class ModelArgs:
@@ -42,26 +59,36 @@ class ModelArgs:
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    model_type: str = "llama"
+    qkv_bias: bool = False  # biases on q_proj, k_proj, v_proj (Qwen2; attention_bias in Llama and Qwen3)
+    o_bias: bool = False  # a bias on o_proj (attention_bias in Llama and Qwen3)
+    qk_norm: bool = False  # per-head RMSNorm over head_dim on q and k before rotary (Qwen3)
 
     @classmethod
     def from_hf_config(cls, cfg: dict, source: str = "config.json") -> "ModelArgs":
-        """Read a Hugging Face Llama `config.json` dict; refuse what this model cannot run."""
+        """Read a Hugging Face Llama / Mistral / Qwen2 / Qwen3 `config.json` dict; refuse what this model
+        cannot run."""
         model_type = cfg.get("model_type")
-        if model_type != "llama":
-            raise ParallelCompError(f"{source}: unsupported model_type {model_type!r} (only 'llama' is supported)")
-        archs = cfg.get("architectures") or ["LlamaForCausalLM"]
-        if "LlamaForCausalLM" not in archs:
-            raise ParallelCompError(f"{source}: unsupported architectures {archs} (expected LlamaForCausalLM)")
-        for flag in ("attention_bias", "mlp_bias"):
-            if cfg.get(flag):
-                raise ParallelCompError(f"{source}: {flag}=true is not supported")
+        if model_type not in FAMILIES:
+            raise ParallelCompError(f"{source}: unsupported model_type {model_type!r} "
+                                    f"(supported: {', '.join(FAMILIES)})")
+        arch = FAMILIES[model_type]
+        archs = cfg.get("architectures") or [arch]
+        if arch not in archs:
+            raise ParallelCompError(f"{source}: unsupported architectures {archs} "
+                                    f"(expected {arch} for model_type {model_type!r})")
+        if model_type == "llama" and cfg.get("mlp_bias"):
+            raise ParallelCompError(f"{source}: mlp_bias=true is not supported")
         if cfg.get("hidden_act", "silu") != "silu":
             raise ParallelCompError(f"{source}: unsupported hidden_act {cfg.get('hidden_act')!r} (expected 'silu')")
+        # transformers' attention layers: Qwen2 always has q/k/v biases and none on o_proj, Mistral none;
+        # Llama and Qwen3 put attention_bias on all four projections.
+        attention_bias = bool(cfg.get("attention_bias", False)) and model_type in ("llama", "qwen3")
         try:
             hidden = int(cfg["hidden_size"])
             heads = int(cfg["num_attention_heads"])
             kv_heads = int(cfg.get("num_key_value_heads") or heads)
-            head_dim = int(cfg.get("head_dim") or hidden // heads)
+            head_dim = int(cfg.get("head_dim") or _DEFAULT_HEAD_DIM.get(model_type) or hidden // heads)
             args = dict(
                 vocab_size=int(cfg["vocab_size"]),
                 hidden_size=hidden,
@@ -71,13 +98,26 @@ class ModelArgs:
                 num_kv_heads=kv_heads,
                 head_dim=head_dim,
                 rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-                max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+                max_position_embeddings=int(cfg.get("max_position_embeddings", _DEFAULT_MAX_POSITIONS[model_type])),
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             )
+            window = _sliding_window(cfg, model_type, args["num_layers"])
         except KeyError as e:
             raise ParallelCompError(f"{source}: missing field {e.args[0]!r}") from None
         except (TypeError, ValueError) as e:
             raise ParallelCompError(f"{source}: bad field value ({e})") from None
+        # Sliding-window attention: refused when it could mask anything, otherwise a no-op. Every attention
+        # ParallelComp runs spans less than the window: a chunk with its prompt, question and answer fits
+        # max_position_embeddings tokens, and the question pass and decoding over the merged cache use
+        # positions below it too, so no query is max_position_embeddings or more positions past a key.
+        # A window at least that large therefore never masks a key. A smaller one (Mistral 7B v0.1: 4096
+        # of 32768) would mask keys in every long chunk. Clamping the window to it instead would be exact
+        # only until someone raises ParallelCompConfig.window / --window again (nothing here can see that),
+        # so such a checkpoint is refused. Mistral v0.2+ and Nemo have sliding_window null; Qwen2/Qwen3
+        # apply theirs only with use_sliding_window, and then only to layers >= max_window_layers.
+        if window is not None and window < args["max_position_embeddings"]:
+            raise ParallelCompError(f"{source}: sliding_window={window} is smaller than max_position_embeddings="
+                                    f"{args['max_position_embeddings']}; sliding-window attention is not supported")
         # transformers >= 5 folds rope_theta and rope_scaling into rope_parameters.
         rope_params = cfg.get("rope_parameters") or {}
         theta = cfg.get("rope_theta", rope_params.get("rope_theta", 10000.0))
@@ -93,10 +133,37 @@ class ModelArgs:
                 scaling = None
         if heads % kv_heads != 0:
             raise ParallelCompError(f"{source}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
-        eos = cfg.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
         return cls(**args, rope_theta=float(theta), rope_scaling=scaling,
-                   bos_token_id=cfg.get("bos_token_id"), eos_token_ids=tuple(int(e) for e in eos_ids))
+                   bos_token_id=cfg.get("bos_token_id"), eos_token_ids=eos_ids(cfg.get("eos_token_id"), source),
+                   model_type=model_type, qkv_bias=attention_bias or model_type == "qwen2", o_bias=attention_bias,
+                   qk_norm=model_type == "qwen3")
+
+
+def eos_ids(value, source: str = "config.json") -> tuple[int, ...]:
+    """An `eos_token_id` field (an id, a list of ids or null) as a tuple of ids."""
+    ids = value if isinstance(value, (list, tuple)) else ([] if value is None else [value])
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ParallelCompError(f"{source}: eos_token_id {value!r} is not a token id or a list of them")
+    return tuple(ids)
+
+
+def _sliding_window(cfg: dict, model_type: str, num_layers: int) -> int | None:
+    """The sliding window some layer applies, as transformers reads the config, or None when none does."""
+    if model_type == "llama":
+        return None
+    window = cfg.get("sliding_window", 4096)  # MistralConfig's and the Qwen configs' default when absent
+    if window is None:
+        return None
+    if model_type in ("qwen2", "qwen3"):
+        # Qwen configs keep a sliding_window value even when use_sliding_window is false: then it is unused.
+        if not cfg.get("use_sliding_window", False):
+            return None
+        first = int(cfg.get("max_window_layers", 28))
+        layer_types = cfg.get("layer_types") or ["sliding_attention" if i >= first else "full_attention"
+                                                 for i in range(num_layers)]
+        if "sliding_attention" not in layer_types:
+            return None
+    return int(window)  # Mistral: every layer
 
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
@@ -154,17 +221,23 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
-        self.q_proj = nn.Linear(args.hidden_size, args.num_heads * args.head_dim, bias=False)
-        self.k_proj = nn.Linear(args.hidden_size, args.num_kv_heads * args.head_dim, bias=False)
-        self.v_proj = nn.Linear(args.hidden_size, args.num_kv_heads * args.head_dim, bias=False)
-        self.o_proj = nn.Linear(args.num_heads * args.head_dim, args.hidden_size, bias=False)
+        self.q_proj = nn.Linear(args.hidden_size, args.num_heads * args.head_dim, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(args.hidden_size, args.num_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(args.hidden_size, args.num_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(args.num_heads * args.head_dim, args.hidden_size, bias=args.o_bias)
+        # Qwen3: RMSNorm over each head's head_dim features, one weight shared by all heads.
+        self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps) if args.qk_norm else None
+        self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps) if args.qk_norm else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: AttendFn,
                 rows: torch.Tensor | None = None) -> torch.Tensor:
         """rows: project only these rows of the attention output (K/V and attention still cover all of x)."""
         n = x.shape[0]
-        q = apply_rope(self.q_proj(x).view(n, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(x).view(n, self.num_kv_heads, self.head_dim), cos, sin)
+        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:  # before rotary, as Qwen3 does
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
         out = attend(self.layer_idx, q, k, v)
         if rows is not None:

@@ -78,3 +78,59 @@ TINY_VARIANTS = {
     "sharded": dict(num_attention_heads=4, num_key_value_heads=1, max_shard_size="100KB"),
     "bf16_saved": dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=3, save_dtype=torch.bfloat16),
 }
+
+
+# ------------------------------------------------------------------ other families (tests/test_families.py)
+
+FAMILY_CLASSES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+}
+# Per family, what makes the tiny model that family's: Mistral v0.2+ style (no sliding window), Qwen2 with
+# its large rope theta, Qwen3 with head_dim 32 != hidden 64 / 4 heads.
+FAMILY_DEFAULTS = {
+    "llama": {},
+    "mistral": dict(sliding_window=None),
+    "qwen2": dict(rope_theta=1000000.0),
+    "qwen3": dict(head_dim=32, rope_theta=1000000.0),
+}
+
+
+def tiny_family_config(family: str, **overrides):
+    """A 2-layer config of `family` (hidden 64, vocab 256, initializer_range 0.2, as tiny_config)."""
+    import transformers
+
+    fields = dict(
+        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False, initializer_range=0.2,
+        bos_token_id=1, eos_token_id=2,
+    )
+    fields.update(FAMILY_DEFAULTS[family])
+    fields.update(overrides)
+    return getattr(transformers, FAMILY_CLASSES[family][0])(**fields)
+
+
+def save_tiny_family(path, family: str, *, seed: int = 0, tokenizer=None, **config_overrides):
+    """Save a random `family` model (transformers' own class and save_pretrained) to `path`, with
+    `tokenizer` beside it if given; returns the directory.
+
+    transformers initialises biases to 0 and norm weights to 1; both are redrawn here, so that a
+    dropped bias, a dropped or misplaced q/k norm, or a q_norm/k_norm swap changes the logits."""
+    import transformers
+
+    path = pathlib.Path(path)
+    torch.manual_seed(seed)
+    model = getattr(transformers, FAMILY_CLASSES[family][1])(tiny_family_config(family, **config_overrides))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0.0, 0.5)
+            elif name.endswith("norm.weight"):
+                p.normal_(1.0, 0.2)
+    model.save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return path
