@@ -1,6 +1,7 @@
 """End-to-end benchmark on the bundled model: prefill, question pass, decode, peak RSS, KV bytes.
 
     python benchmarks/e2e.py --lengths 8000,16000,32000,64000,128000 --out results/e2e.json
+    python benchmarks/e2e.py --lengths 32000,128000 --methods parallelcomp --dtypes float32,auto --breakdown
 
 Every (method, length) runs in its own subprocess so that peak RSS belongs to that run alone. Methods:
 `parallelcomp` (package defaults), `truncate` (head and tail that fit the window) and `hf_full`
@@ -57,16 +58,17 @@ def gemm_rate(hidden: int, inter: int, rows: int = 2048, seconds: float = 3.0, m
     return _median_rate(2 * 2 * rows * hidden * inter, lambda: (x @ w1.T) @ w2.T, seconds, min_repeats)
 
 
-def layer_gemm_rate(model, rows: int, seconds: float = 3.0, min_repeats: int = 5) -> float:
+def layer_gemm_rate(model, rows: int, seconds: float = 3.0, min_repeats: int = 5, dtype=None) -> float:
     """Median FLOP/s of one decoder layer's seven projections (q, k, v, o, gate, up, down: the model's own
     weights, so every shape the linear floor counts, weighted by its FLOPs) on `rows` rows, the row count of
-    one prefill batch."""
+    one prefill batch; in `dtype` (default: the model's)."""
     import torch
     import torch.nn.functional as F
 
     attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
-    weights = [m.weight.detach() for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
-                                           mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
+    weights = [m.weight.detach().to(dtype or m.weight.dtype) for m in (attn.q_proj, attn.k_proj, attn.v_proj,
+                                                                        attn.o_proj, mlp.gate_proj, mlp.up_proj,
+                                                                        mlp.down_proj)]
     x = torch.randn(rows, weights[0].shape[1], dtype=weights[0].dtype)
     h = torch.randn(rows, weights[-1].shape[1], dtype=weights[0].dtype)
     inputs = [h if w.shape[1] == h.shape[1] else x for w in weights]
@@ -88,12 +90,16 @@ def prefill_breakdown(prof) -> dict:
     return out
 
 
-def run_one(method: str, tokens: int, max_new: int, breakdown: bool = False, chunk_tokens: int | None = None) -> dict:
+PROBE_DTYPES = ("float32", "bfloat16")  # every run probes both GEMM rates, so each row has both floors
+
+
+def run_one(method: str, tokens: int, max_new: int, breakdown: bool = False, chunk_tokens: int | None = None,
+            dtype: str = "auto") -> dict:
     import torch
 
     from parallelcomp_triton import ParallelComp, ParallelCompConfig
 
-    pc = ParallelComp.from_pretrained(None)
+    pc = ParallelComp.from_pretrained(None, dtype=dtype if method != "hf_full" else "float32")
     doc = essay_text(pc.tokenizer, tokens)
     cfg = ParallelCompConfig(mode=method if method != "hf_full" else "parallelcomp", max_new_tokens=max_new,
                              ignore_eos=True,  # fixed decode steps
@@ -102,9 +108,16 @@ def run_one(method: str, tokens: int, max_new: int, breakdown: bool = False, chu
     # prefill it is compared to, not minutes apart. `gemm_gflops` (the floor's rate): the seven projections
     # of a layer at the row count of one prefill batch; `gemm_mlp_gflops`: the MLP pair alone at 2048 rows
     # (the earlier probe, kept for comparison; the fastest of the model's shapes).
+    # `gemm_gflops_<dtype>`: the same layer probe in float32 and in bf16, so every row, whatever precision it
+    # ran in, is compared with both floors measured side by side.
+    rows = cfg.batch_chunks * (cfg.chunk_tokens or 1024)
     out = {"method": method, "tokens": tokens, "chunk_tokens": cfg.chunk_tokens,
-           "gemm_mlp_gflops": gemm_rate(pc.args.hidden_size, pc.args.intermediate_size) / 1e9,
-           "gemm_gflops": layer_gemm_rate(pc.model, cfg.batch_chunks * (cfg.chunk_tokens or 1024)) / 1e9}
+           "dtype": str(pc.model.embed_tokens.weight.dtype).removeprefix("torch."), "dtype_source": pc.dtype_source,
+           "gemm_mlp_gflops": gemm_rate(pc.args.hidden_size, pc.args.intermediate_size) / 1e9}
+    for name in PROBE_DTYPES:
+        out[f"gemm_gflops_{name}"] = layer_gemm_rate(pc.model, rows, dtype=getattr(torch, name)) / 1e9
+    out["gemm_gflops"] = out[f"gemm_gflops_{out['dtype']}"] if out["dtype"] in PROBE_DTYPES else \
+        layer_gemm_rate(pc.model, rows) / 1e9
     if method in ("parallelcomp", "truncate"):
         res = pc.generate(doc, QUESTION, config=cfg)
         st = res.stats
@@ -185,7 +198,7 @@ def plot(result: dict, path: str) -> None:
     m = result.get("machine", {})
     # Each row's own probe (results from older versions of this script kept one probe under "machine").
     rates = [r["gemm_gflops"] for r in rows if "gemm_gflops" in r] or [m.get("gemm_gflops", 0)]
-    fig.suptitle(f"SmolLM2-135M fp32, CPU, {m.get('threads', '?')} threads, GEMM "
+    fig.suptitle(f"SmolLM2-135M, CPU, {m.get('threads', '?')} threads, GEMM "
                  f"{min(rates):.0f}-{max(rates):.0f} GFLOP/s", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
@@ -206,12 +219,16 @@ def main() -> int:
                         "attention kernel and all other ops, each as a multiple of the floor")
     p.add_argument("--chunk-tokens", type=int, default=None,
                    help="ParallelComp chunk length (default: the package default)")
+    p.add_argument("--dtypes", default="auto",
+                   help="comma-separated precisions to run ParallelComp and truncate in (auto, float32, bfloat16); "
+                        "hf_full always runs float32")
     p.add_argument("--one", nargs=2, metavar=("METHOD", "TOKENS"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.chunk_tokens is not None and args.chunk_tokens < 1:
         p.error(f"--chunk-tokens {args.chunk_tokens}: must be >= 1")
     if args.one:
-        print(json.dumps(run_one(args.one[0], int(args.one[1]), args.max_new_tokens, args.breakdown, args.chunk_tokens)))
+        print(json.dumps(run_one(args.one[0], int(args.one[1]), args.max_new_tokens, args.breakdown, args.chunk_tokens,
+                                 args.dtypes)))
         return 0
     if args.plot_only:
         plot(json.load(open(args.plot_only)), args.plot or os.path.splitext(args.plot_only)[0] + ".png")
@@ -229,21 +246,25 @@ def main() -> int:
         for method in args.methods.split(","):
             if method == "hf_full" and n > args.hf_max:
                 continue
-            proc = subprocess.run([sys.executable, __file__, "--one", method, str(n),
-                                   "--max-new-tokens", str(args.max_new_tokens)] + ["--breakdown"] * args.breakdown
-                                  + ["--chunk-tokens", str(args.chunk_tokens)] * (args.chunk_tokens is not None),
-                                  capture_output=True, text=True)
-            if proc.returncode != 0:
-                print(f"{method} {n}: failed: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
-                continue
-            row = json.loads(proc.stdout.strip().splitlines()[-1])
-            row["linear_floor_s"] = 2 * non_embedding * row["document_tokens"] / (row["gemm_gflops"] * 1e9)
-            row["prefill_over_floor"] = row["prefill_s"] / row["linear_floor_s"]
-            row["prefill_over_mlp_floor"] = row["prefill_s"] * row["gemm_mlp_gflops"] / row["gemm_gflops"] / row["linear_floor_s"]
-            rows.append(row)
-            print(f"{method:>12} {n:>7}: prefill {row['prefill_s']:.1f} s ({row['prefill_over_floor']:.2f}x floor), "
-                  f"GEMM {row['gemm_gflops']:.1f} GFLOP/s, decode {row['decode_ms_per_token']:.1f} ms/token, RSS {row['peak_rss_bytes'] / 2**30:.2f} GiB",
-                  file=sys.stderr, flush=True)
+            for dtype in args.dtypes.split(",") if method != "hf_full" else ["float32"]:
+                proc = subprocess.run([sys.executable, __file__, "--one", method, str(n), "--dtypes", dtype,
+                                       "--max-new-tokens", str(args.max_new_tokens)] + ["--breakdown"] * args.breakdown
+                                      + ["--chunk-tokens", str(args.chunk_tokens)] * (args.chunk_tokens is not None),
+                                      capture_output=True, text=True)
+                if proc.returncode != 0:
+                    print(f"{method} {n} {dtype}: failed: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+                    continue
+                row = json.loads(proc.stdout.strip().splitlines()[-1])
+                floor = lambda rate: 2 * non_embedding * row["document_tokens"] / (rate * 1e9)  # noqa: E731
+                row["linear_floor_s"] = floor(row["gemm_gflops"])
+                for name in PROBE_DTYPES:
+                    row[f"linear_floor_{name}_s"] = floor(row[f"gemm_gflops_{name}"])
+                row["prefill_over_floor"] = row["prefill_s"] / row["linear_floor_s"]
+                row["prefill_over_mlp_floor"] = row["prefill_s"] * row["gemm_mlp_gflops"] / row["gemm_gflops"] / row["linear_floor_s"]
+                rows.append(row)
+                print(f"{method:>12} {n:>7} {row['dtype']}: prefill {row['prefill_s']:.1f} s ({row['prefill_over_floor']:.2f}x "
+                      f"floor), GEMM {row['gemm_gflops']:.1f} GFLOP/s, decode {row['decode_ms_per_token']:.1f} ms/token, "
+                      f"RSS {row['peak_rss_bytes'] / 2**30:.2f} GiB", file=sys.stderr, flush=True)
     # No machine-wide GEMM rate: each row carries the probes taken in its own process, right before it.
     result = {"machine": {"threads": torch.get_num_threads(), "torch": torch.__version__},
               "non_embedding_params": non_embedding, "rows": rows}
@@ -252,25 +273,27 @@ def main() -> int:
         json.dump(result, f, indent=1)
     if args.plot:
         plot(result, args.plot)
-    print(f"fp32, {torch.get_num_threads()} threads; GEMM rates probed in each row's own process\n")
-    print("| method | tokens | chunks | prefill s | GEMM GFLOP/s layer / MLP | x linear floor (layer / MLP probe) | "
+    print(f"{torch.get_num_threads()} threads; GEMM rates probed in each row's own process, in float32 and bf16\n")
+    print("| method | dtype | tokens | chunks | prefill s | GEMM GFLOP/s fp32 / bf16 | x fp32 floor | x bf16 floor | "
           "question s | decode ms/token | peak RSS GiB | KV MiB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['method']} | {r['document_tokens']} | {r['chunks']} | {r['prefill_s']:.1f} | "
-              f"{r['gemm_gflops']:.1f} / {r['gemm_mlp_gflops']:.1f} | {r['prefill_over_floor']:.2f} / "
-              f"{r['prefill_over_mlp_floor']:.2f} | {r['question_s']:.2f} | {r['decode_ms_per_token']:.1f} | "
+        print(f"| {r['method']} | {r.get('dtype', 'float32')} | {r['document_tokens']} | {r['chunks']} | {r['prefill_s']:.1f} | "
+              f"{r['gemm_gflops_float32']:.1f} / {r['gemm_gflops_bfloat16']:.1f} | "
+              f"{r['prefill_s'] / r['linear_floor_float32_s']:.2f} | {r['prefill_s'] / r['linear_floor_bfloat16_s']:.2f} | "
+              f"{r['question_s']:.2f} | {r['decode_ms_per_token']:.1f} | "
               f"{r['peak_rss_bytes'] / 2**30:.2f} | {r['kv_cache_bytes'] / 2**20:.1f} |")
     broken = [r for r in rows if "breakdown" in r]
     if broken:
         print("\nProfiled prefill (a second run under torch.profiler), self CPU seconds and multiples of the floor:\n")
-        print("| method | tokens | profiled prefill s | linear GEMMs | attention kernel | other ops | not in ops |")
-        print("|---|---:|---:|---:|---:|---:|---:|")
+        print("| method | dtype | tokens | profiled prefill s | linear GEMMs | attention kernel | other ops | not in ops |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|")
         for r in broken:
             b, f = r["breakdown"], r["linear_floor_s"]
             rest = b["profiled_prefill_s"] - b["linear_s"] - b["attention_s"] - b["other_ops_s"]
             cells = [f"{s:.1f} s ({s / f:.2f}x)" for s in (b["linear_s"], b["attention_s"], b["other_ops_s"], rest)]
-            print(f"| {r['method']} | {r['document_tokens']} | {b['profiled_prefill_s']:.1f} | " + " | ".join(cells) + " |")
+            print(f"| {r['method']} | {r.get('dtype', 'float32')} | {r['document_tokens']} | {b['profiled_prefill_s']:.1f} | "
+                  + " | ".join(cells) + " |")
     return 0
 
 

@@ -11,6 +11,8 @@ REGIONS = ("sink", "recent", "middle", "all")
 GQA_REDUCES = ("max", "mean", "sum")
 SCORE_TOKENS = ("suffix", "question")
 TEMPLATES = ("plain", "chat")
+# Weight/activation precision; "auto" = bf16 where the hardware computes it natively (precision.py).
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)

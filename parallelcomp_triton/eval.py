@@ -14,7 +14,7 @@ import json
 import sys
 import time
 
-from .config import MODES, SCORE_TOKENS, TEMPLATES, Calibration, ParallelCompConfig
+from .config import DTYPE_CHOICES, MODES, SCORE_TOKENS, TEMPLATES, Calibration, ParallelCompConfig
 from .errors import ParallelCompError
 from .run import _budget, _chunk_tokens, _Parser
 from .tasks import niah_case, passkey_case
@@ -71,7 +71,8 @@ def evaluate(pc, task: str, lengths, depths, config: ParallelCompConfig, questio
     for n in lengths:
         sel = [r for r in rows if r["target_tokens"] == n]
         acc[str(n)] = sum(r["correct"] for r in sel) / len(sel)
-    return {"task": task, "question": question, "accuracy": acc, "cases": rows}
+    dtype = str(pc.model.embed_tokens.weight.dtype).removeprefix("torch.")
+    return {"task": task, "question": question, "dtype": dtype, "accuracy": acc, "cases": rows}
 
 
 def format_table(result: dict) -> str:
@@ -108,6 +109,7 @@ def main(argv=None) -> int:
     p.add_argument("--calibrate", default=None)
     p.add_argument("--max-new-tokens", type=int, default=12)
     p.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the full result to this file")
     args = p.parse_args(argv)
@@ -132,7 +134,7 @@ def main(argv=None) -> int:
                                  batch_chunks=args.batch_chunks, max_new_tokens=args.max_new_tokens,
                                  calibration=Calibration.parse(args.calibrate) if args.calibrate else None)
         cfg.check()
-        pc = ParallelComp.from_pretrained(args.model, backend=args.backend)
+        pc = ParallelComp.from_pretrained(args.model, dtype=args.dtype, backend=args.backend)
         result = evaluate(pc, args.task, lengths, depths, cfg, question=args.question, seed=args.seed,
                           log=lambda s: print(s, file=sys.stderr, flush=True))
     except ParallelCompError as e:

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import ParallelCompError
+from .config import DTYPE_CHOICES
 from .run import _budget, _chunk_tokens, _Parser, cli_main, read_document
 
 PROFILE_BINS = 20
@@ -369,7 +370,7 @@ def build_parser():
     p.add_argument("--input", required=True, help="document file (UTF-8), or - for stdin")
     p.add_argument("--question", required=True)
     p.add_argument("--out", required=True, help="picture file (.png, .pdf or .svg)")
-    p.add_argument("--model", default=None, help="Hugging Face Llama directory (default: bundled SmolLM2-135M)")
+    p.add_argument("--model", default=None, help="model directory or Hub id ORG/NAME[@REV] (default: bundled SmolLM2-135M)")
     p.add_argument("--chunk-tokens", type=_chunk_tokens, default=ParallelCompConfig.chunk_tokens,
                    help="document tokens per chunk, or 'max' (as many as the window allows)")
     p.add_argument("--kv-budget", type=_budget, default=d.kv_budget)
@@ -382,7 +383,8 @@ def build_parser():
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--dpi", type=int, default=100)
     p.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="auto: bfloat16 where the CPU/GPU computes it natively, else float32")
     p.add_argument("--no-progress", action="store_true")
     return p
 

@@ -30,6 +30,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from .errors import ParallelCompError
+from .config import DTYPE_CHOICES
 from .run import _budget, _chunk_tokens, _Parser, cli_main, read_input_bytes
 
 
@@ -390,7 +391,8 @@ def build_parser():
     p.add_argument("--calibrate", default=None, metavar="REGION:I-J:TAU")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: LongBench's per-dataset length")
     p.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="auto: bfloat16 where the CPU/GPU computes it natively, else float32")
     p.add_argument("--json", default=None, help="write scores and predictions to this file")
     return p
 

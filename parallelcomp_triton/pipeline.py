@@ -25,7 +25,8 @@ from .generation import sample_next
 from .kernels.chunk_attention import chunk_attention
 from .kernels.decode_attention import decode_attention
 from .kernels.select_kv import gather_kv, select_kv
-from .loading import load_model, parse_dtype, resolve_model_dir
+from .loading import load_model, resolve_model_dir
+from .precision import resolve_dtype
 from .prompt import (PromptTokens, resolve_template, sentence_ends, snap_spans, split_even, tokenize_prompt,
                      truncate_middle)
 
@@ -67,20 +68,28 @@ def _peak_memory_bytes(device: torch.device) -> int:
 
 
 class ParallelComp:
-    def __init__(self, model, tokenizer, source: str = ""):
+    def __init__(self, model, tokenizer, source: str = "", dtype_source: str = "explicit"):
         self.model = model
         self.tokenizer = tokenizer
         # Whole documents are tokenized on purpose: silence the tokenizer's "longer than the model" warning.
         tokenizer.model_max_length = 1 << 62
         self.source = source
         self.args = model.args
+        self.dtype_source = dtype_source  # how the weights' precision was chosen (reported in every run's stats)
 
     @classmethod
-    def from_pretrained(cls, model_dir=None, dtype="float32", device="cpu", backend="auto") -> "ParallelComp":
+    def from_pretrained(cls, model_dir=None, dtype="auto", device="cpu", backend="auto") -> "ParallelComp":
+        """Load a model (None: the bundled SmolLM2-135M-Instruct).
+
+        dtype: "auto" (default) runs in bfloat16 where `device` computes it natively (a CPU with AVX512-BF16
+        or AMX-BF16, read from the CPU itself, not from the model; a CUDA GPU that supports bf16) and in
+        float32 elsewhere; "float32", "bfloat16", "float16" or a torch dtype force one. The choice is in
+        every result's stats ("dtype", "dtype_source")."""
         path = resolve_model_dir(model_dir)
-        model, tokenizer = load_model(path, dtype=parse_dtype(dtype), device=device)
+        dtype, why = resolve_dtype(dtype, device)
+        model, tokenizer = load_model(path, dtype=dtype, device=device)
         model.backend = backend
-        return cls(model, tokenizer, str(path))
+        return cls(model, tokenizer, str(path), dtype_source=why)
 
     @property
     def device(self) -> torch.device:
@@ -172,7 +181,8 @@ class ParallelComp:
             raise ParallelCompError("the question is empty")
         if not isinstance(question, str) or not isinstance(context, (str, type(None))):
             raise ParallelCompError("the context and the question must be strings")
-        stats: dict = {"mode": cfg.mode}
+        dtype = str(self.model.embed_tokens.weight.dtype).removeprefix("torch.")
+        stats: dict = {"mode": cfg.mode, "dtype": dtype, "dtype_source": self.dtype_source}
         t0 = time.perf_counter()
         template = resolve_template(self.tokenizer, cfg.template, cfg.prompt, cfg.instruction)
         toks = tokenize_prompt(self.tokenizer, template, context, question)

@@ -25,7 +25,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-from .config import MODES, SCORE_TOKENS, TEMPLATES, Calibration, ParallelCompConfig
+from .config import DTYPE_CHOICES, MODES, SCORE_TOKENS, TEMPLATES, Calibration, ParallelCompConfig
 from .errors import ParallelCompError
 
 
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo-tokens", type=int, default=16000, help="length of the --demo document in tokens")
     p.add_argument("--instruction", default="", help="task text placed before the document (shared prefix)")
     p.add_argument("--question", help="the question (required with --input)")
-    p.add_argument("--model", default=None, help="Hugging Face Llama directory (default: bundled SmolLM2-135M)")
+    p.add_argument("--model", default=None, help="model directory or Hub id ORG/NAME[@REV] (default: bundled SmolLM2-135M)")
     p.add_argument("--mode", choices=MODES, default=d.mode)
     p.add_argument("--template", choices=TEMPLATES, default=d.template)
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--ignore-eos", action="store_true", help="decode exactly --max-new-tokens tokens")
     p.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="auto: bfloat16 where the CPU/GPU computes it natively, else float32")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--batch-docs", type=int, default=8, help="documents answered together with --input-jsonl")
     p.add_argument("--distributed", action="store_true",

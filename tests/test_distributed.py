@@ -77,7 +77,7 @@ def expected_kv_bytes(pc, res, rank: int, world: int) -> int:
         if c in owned and rank != 0:
             s, e = st["chunk_spans"][c]
             n = min(CONFIG["kv_budget"], e - s)
-            total += a.num_layers * a.num_kv_heads * n * (2 * a.head_dim * 4 + 4)
+            total += a.num_layers * a.num_kv_heads * n * (2 * a.head_dim * pc.model.embed_tokens.weight.element_size() + 4)
     return total
 
 

@@ -222,3 +222,22 @@ def test_bundled_completes_a_fact(bundled):
     model, tokenizer, _ = bundled
     prompt = torch.tensor(tokenizer("The capital of France is")["input_ids"])
     assert tokenizer.decode(greedy_ours(model, prompt, 3)).startswith(" Paris")
+
+
+@pytest.mark.slow
+def test_bundled_bf16_logits_within_transformers_bf16_error(bundled_model_dir, essay_ids):
+    """bf16 is the default precision on CPUs with native bf16: on the real model and real text, our bf16
+    logits are within 2x (+ floor) of transformers' own bf16 error against float64."""
+    ids = essay_ids[None, :256]
+    ours = load_transformer(bundled_model_dir, dtype="bfloat16")
+    with torch.no_grad():
+        ref64 = hf_llama(bundled_model_dir, torch.float32).double()(ids).logits[0]
+        ref_same = hf_llama(bundled_model_dir, torch.bfloat16)(ids).logits[0].double()
+    got = ours.logits(ids)[0].double()
+    assert torch.isfinite(got).all()
+    ours_err = (got - ref64).abs().max().item()
+    hf_err = (ref_same - ref64).abs().max().item()
+    assert ours_err <= 2 * hf_err + 1e-2, f"ours {ours_err:.3g} vs transformers {hf_err:.3g}"
+    # Same next-token choice almost everywhere (near-ties may flip in bf16).
+    agree = (got.argmax(-1) == ref64.argmax(-1)).float().mean().item()
+    assert agree >= 0.95, agree

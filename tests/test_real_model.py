@@ -11,7 +11,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def pc(bundled_model_dir):
-    return ParallelComp.from_pretrained(bundled_model_dir)
+    # float32: the one-chunk case below must equal transformers' float32 greedy generate token for token.
+    return ParallelComp.from_pretrained(bundled_model_dir, dtype="float32")
 
 
 def test_one_chunk_no_eviction_equals_transformers_generate(pc, essays_dir):
