@@ -1,6 +1,7 @@
 """Long-context retrieval evaluation: accuracy tables over lengths x depths.
 
     python -m parallelcomp_triton.eval passkey --lengths 4000,16000 --depths 0.1,0.3,0.5,0.7,0.9
+    python -m parallelcomp_triton.eval niah --lengths 32000 --question-style both --instruction none
     python -m parallelcomp_triton.eval niah --lengths 16000 --mode full --json results/niah.json
     python -m parallelcomp_triton.eval longbench --data hotpotqa.jsonl --limit 20 --json results/lb.json
 
@@ -38,15 +39,23 @@ def _nll_rank(nll, chunk) -> int | None:
     return 1 + sum(v < nll[chunk] for v in nll)
 
 
+INSTRUCTIONS = ("task", "none")
+QUESTION_STYLES = ("natural", "cue", "both")
+
+
 def evaluate(pc, task: str, lengths, depths, config: ParallelCompConfig, question: str = "cue", seed: int = 0,
-             log=None) -> dict:
+             log=None, instruction: str = "task") -> dict:
+    """instruction: "task" puts the task's instruction before the document when `config` has none (how the
+    grids up to 2026-12-03 ran); "none" leaves the prompt as a CLI user gets it."""
     make = TASKS[task]
     rows = []
     for n in lengths:
         for depth in depths:
             case = make(pc.tokenizer, n, depth=depth, seed=seed, question=question)
             t = time.perf_counter()
-            cfg = config if config.instruction else dataclasses.replace(config, instruction=case.instruction)
+            cfg = config
+            if instruction == "task" and not config.instruction:
+                cfg = dataclasses.replace(config, instruction=case.instruction)
             res = pc.generate(case.context, case.question, config=cfg)
             ok = case.answer in res.text
             needle_chunk = _needle_chunk(pc.tokenizer, case, res.stats.get("chunk_spans") or [])
@@ -72,15 +81,22 @@ def evaluate(pc, task: str, lengths, depths, config: ParallelCompConfig, questio
         sel = [r for r in rows if r["target_tokens"] == n]
         acc[str(n)] = sum(r["correct"] for r in sel) / len(sel)
     dtype = str(pc.model.embed_tokens.weight.dtype).removeprefix("torch.")
-    return {"task": task, "question": question, "dtype": dtype, "accuracy": acc, "cases": rows}
+    return {"task": task, "question": question, "instruction": instruction, "dtype": dtype, "accuracy": acc,
+            "cases": rows}
 
 
-def format_table(result: dict) -> str:
-    lines = [f"| {result['task']} tokens | accuracy | needle chunk kept |", "|---:|---:|---:|"]
-    for n, a in result["accuracy"].items():
-        sel = [r for r in result["cases"] if str(r["target_tokens"]) == n and r["needle_chunk"] is not None]
-        kept = f"{sum(r['needle_kept'] for r in sel)}/{len(sel)}" if sel else "-"
-        lines.append(f"| {n} | {100 * a:.0f}% | {kept} |")
+def format_table(*results: dict) -> str:
+    """Accuracy and kept needles per length; several results (question styles) side by side."""
+    head = " | ".join(f"{r.get('question', '')} accuracy | needle chunk kept" if len(results) > 1
+                      else "accuracy | needle chunk kept" for r in results)
+    lines = [f"| {results[0]['task']} tokens | {head} |", "|---:|" + "---:|---:|" * len(results)]
+    for n in results[0]["accuracy"]:
+        cells = []
+        for result in results:
+            sel = [r for r in result["cases"] if str(r["target_tokens"]) == n and r["needle_chunk"] is not None]
+            kept = f"{sum(r['needle_kept'] for r in sel)}/{len(sel)}" if sel else "-"
+            cells.append(f"{100 * result['accuracy'][n]:.0f}% | {kept}")
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -95,7 +111,13 @@ def main(argv=None) -> int:
                    help="longbench takes its own options (python -m parallelcomp_triton.eval longbench --help)")
     p.add_argument("--lengths", default="16000", help="comma-separated document lengths in tokens")
     p.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
-    p.add_argument("--question", default="cue", help="'natural', 'cue' or a literal question")
+    p.add_argument("--question-style", choices=QUESTION_STYLES, default=None,
+                   help="natural ('What is the pass key?'), cue (ends in an answer cue: '... The pass key is') or "
+                        "both, side by side (default: cue)")
+    p.add_argument("--question", default=None, help="a literal question instead of a style")
+    p.add_argument("--instruction", choices=INSTRUCTIONS, default="task",
+                   help="task: the task's instruction before the document (the earlier grids); none: the prompt "
+                        "a CLI user gets")
     p.add_argument("--model", default=None)
     p.add_argument("--mode", choices=MODES, default="parallelcomp")
     p.add_argument("--template", choices=TEMPLATES, default=ParallelCompConfig.template)
@@ -117,6 +139,13 @@ def main(argv=None) -> int:
         print("error: longbench must come first: python -m parallelcomp_triton.eval longbench --data FILE ...",
               file=sys.stderr)
         return 2
+    if args.question is not None and args.question_style is not None:
+        print("error: give --question-style or a literal --question, not both", file=sys.stderr)
+        return 2
+    if args.question in ("natural", "cue"):  # the earlier spelling of --question-style
+        args.question_style, args.question = args.question, None
+    style = args.question_style or "cue"
+    questions = [args.question] if args.question is not None else (["natural", "cue"] if style == "both" else [style])
     try:
         lengths = [int(x) for x in args.lengths.split(",") if x]
         depths = [float(x) for x in args.depths.split(",") if x]
@@ -135,16 +164,19 @@ def main(argv=None) -> int:
                                  calibration=Calibration.parse(args.calibrate) if args.calibrate else None)
         cfg.check()
         pc = ParallelComp.from_pretrained(args.model, dtype=args.dtype, backend=args.backend)
-        result = evaluate(pc, args.task, lengths, depths, cfg, question=args.question, seed=args.seed,
-                          log=lambda s: print(s, file=sys.stderr, flush=True))
+        results = [evaluate(pc, args.task, lengths, depths, cfg, question=q, seed=args.seed,
+                            log=lambda s: print(s, file=sys.stderr, flush=True), instruction=args.instruction)
+                   for q in questions]
     except ParallelCompError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    result["config"] = dataclasses.asdict(cfg)
-    print(format_table(result))
+    for result in results:
+        result["config"] = dataclasses.asdict(cfg)
+    print(format_table(*results))
     if args.json:
+        # One style: the result itself (what budget_replay.py and pool_replay.py read); both: one per style.
         with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+            json.dump(results[0] if len(results) == 1 else {r["question"]: r for r in results}, f, indent=1)
     return 0
 
 

@@ -288,6 +288,7 @@ class ParallelComp:
             st["time_total_s"] = time.perf_counter() - doc.t0
             st["peak_memory_bytes"] = _peak_memory_bytes(self.device)
             text = self.tokenizer.decode(out_ids, skip_special_tokens=True)
+            st["empty_answer"] = not text.strip()  # the CLI says so on stderr; callers can check here
             positions = {c.index: c.positions for c in doc.kept if c.positions is not None}
             results.append(GenerationResult(text=text, token_ids=out_ids, stats=st, kept_positions=positions))
         return results

@@ -262,11 +262,23 @@ def _main(args) -> int:
     else:
         job = jobs[0]
     res = pc.generate(job.context, job.question, config=cfg, progress=not args.no_progress)
-    _print_answer(res, args, expected)
+    _print_answer(res, args, expected, cfg)
     return 0
 
 
-def _print_answer(res, args, expected) -> None:
+def empty_answer_warning(cfg, where: str = "") -> str:
+    """The one stderr line for an answer that came out empty, with the likely fix for this config."""
+    if cfg.prompt is None and cfg.template == "plain":
+        fix = "try --template chat, or end the question with the start of its answer (e.g. '... The pass key is')"
+    else:
+        fix = ("end the question with the start of its answer (e.g. '... The pass key is'), or keep more of the "
+               "document (--keep-chunks, --kv-budget)")
+    return f"warning: {where}empty answer (the model ended its turn at once); {fix}"
+
+
+def _print_answer(res, args, expected, cfg) -> None:
+    if res.stats.get("empty_answer"):
+        print(empty_answer_warning(cfg), file=sys.stderr)
     if args.json:
         out = {"answer": res.text, "token_ids": res.token_ids, "stats": res.stats}
         if expected is not None:
@@ -282,7 +294,7 @@ def _print_answer(res, args, expected) -> None:
                   f"expected pass key {expected}: {'found' if ok else 'NOT found'}", file=sys.stderr)
 
 
-def _jsonl_record(job: Job, result, args, source: str) -> dict:
+def _jsonl_record(job: Job, result, args, source: str, cfg) -> dict:
     """The output object for one input line; a bad line is also reported on stderr."""
     record: dict = {"line": job.line}
     if job.has_id:
@@ -293,6 +305,9 @@ def _jsonl_record(job: Job, result, args, source: str) -> dict:
         record["error"] = error
         return record
     record["answer"] = result.text.strip()
+    if result.stats.get("empty_answer"):
+        record["warning"] = empty_answer_warning(cfg).removeprefix("warning: ")
+        print(empty_answer_warning(cfg, f"{source}:{job.line}: "), file=sys.stderr)
     if args.json:
         record["token_ids"] = result.token_ids
         record["stats"] = result.stats
@@ -318,7 +333,7 @@ def answer_jsonl(pc, jobs: list[Job], cfg, args, generate_batch=None, speak: boo
             result = next(results) if job.error is None else None
             any_bad |= job.error is not None or isinstance(result, ParallelCompError)
             if speak:
-                print(json.dumps(_jsonl_record(job, result, args, source)), flush=True)
+                print(json.dumps(_jsonl_record(job, result, args, source, cfg)), flush=True)
         pending.clear()
 
     for job in jobs:
@@ -363,7 +378,7 @@ def _main_distributed(args, cfg) -> int:
                 job = jobs[0]
             (res,) = generate_distributed(pc, ctx, [(job.context, job.question)], config=cfg, progress=progress)
             if ctx.rank == 0:
-                _print_answer(res, args, expected)
+                _print_answer(res, args, expected, cfg)
             code = 0
         together = True
         return code

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from parallelcomp_triton.run import main
 
@@ -88,3 +89,33 @@ def test_cli_flags_reach_the_config(doc, flags, ignore, score, pool):
     cfg = _config(args)
     assert cfg.ignore_eos is ignore and cfg.max_new_tokens == 7 and cfg.score_tokens == score
     assert cfg.pool_kernel == pool
+
+
+@pytest.mark.parametrize("template,hint", [("plain", "--template chat"), ("chat", "start of its answer")])
+def test_empty_answer_is_never_silent(doc, model_dir, capsys, monkeypatch, template, hint):
+    """An answer that comes out empty gets one stderr line with the likely fix, and the stats say so."""
+    from parallelcomp_triton.pipeline import GenerationResult, ParallelComp
+
+    monkeypatch.setattr(ParallelComp, "generate", lambda self, *a, **k: GenerationResult(
+        text=" \n", token_ids=[], stats={"empty_answer": True}))
+    monkeypatch.setattr(ParallelComp, "from_pretrained", classmethod(lambda cls, *a, **k: cls.__new__(cls)))
+    for extra in ([], ["--json"]):
+        assert main(["--input", str(doc), "--question", "q", "--template", template, *extra]) == 0
+        out, err = capsys.readouterr()
+        (line,) = [x for x in err.splitlines() if x.strip()]
+        assert line.startswith("warning: empty answer") and hint in line
+        if extra:
+            assert json.loads(out)["stats"]["empty_answer"] is True
+
+
+def test_pipeline_reports_empty_answers(model_dir):
+    from parallelcomp_triton import ParallelComp, ParallelCompConfig
+
+    pc = ParallelComp.from_pretrained(model_dir, dtype="float32")
+    res = pc.generate("The pass key is 12. " * 5, "What is it?", config=ParallelCompConfig(max_new_tokens=3))
+    assert res.stats["empty_answer"] == (not res.text.strip())
+    eos = sorted(pc.eos_ids())[0]
+    pc.model.lm_head.bias = torch.nn.Parameter(torch.zeros(pc.args.vocab_size))  # force EOS first
+    pc.model.lm_head.bias.data[eos] = 1e4
+    res = pc.generate("The pass key is 12. " * 5, "What is it?", config=ParallelCompConfig(max_new_tokens=3))
+    assert res.text == "" and res.stats["empty_answer"] is True

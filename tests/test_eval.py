@@ -68,7 +68,39 @@ def test_cli_writes_json_and_table(tmp_path, capsys, monkeypatch):
     assert "| 600 |" in captured.out
 
 
+def test_cli_both_question_styles_side_by_side_without_instruction(tmp_path, capsys, monkeypatch):
+    from _tiny_pipeline import tiny_pc
+
+    from parallelcomp_triton.pipeline import ParallelComp
+    from parallelcomp_triton.tasks import PASSKEY_QUESTIONS
+
+    seen = []
+    original = ParallelComp.generate
+
+    def spy(self, context, question, *args, **kwargs):
+        seen.append((question, kwargs["config"].instruction))
+        return original(self, context, question, *args, **kwargs)
+
+    monkeypatch.setattr(ParallelComp, "from_pretrained", classmethod(lambda cls, *a, **k: tiny_pc(layers=2)))
+    monkeypatch.setattr(ParallelComp, "generate", spy)
+    out = tmp_path / "pk.json"
+    code = main(["passkey", "--lengths", "600", "--depths", "0.5", "--chunk-tokens", "150", "--max-new-tokens", "2",
+                 "--question-style", "both", "--instruction", "none", "--json", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert seen == [(PASSKEY_QUESTIONS["natural"], ""), (PASSKEY_QUESTIONS["cue"], "")]
+    result = json.loads(out.read_text())
+    assert sorted(result) == ["cue", "natural"] and result["natural"]["instruction"] == "none"
+    assert "natural accuracy" in captured.out and "cue accuracy" in captured.out
+    # The default keeps the earlier grids' task instruction.
+    seen.clear()
+    assert main(["passkey", "--lengths", "600", "--depths", "0.5", "--chunk-tokens", "150",
+                 "--max-new-tokens", "2"]) == 0
+    assert seen[0][0] == PASSKEY_QUESTIONS["cue"] and seen[0][1]
+
+
 @pytest.mark.parametrize("args,expect", [
+    (["passkey", "--question", "q?", "--question-style", "cue"], "not both"),
     (["passkey", "--lengths", "50"], "--lengths"),
     (["niah", "--depths", "1.5"], "--depths"),
     (["passkey", "--lengths", "x"], "comma-separated"),
