@@ -46,7 +46,7 @@ def pooled(scores, cu, before: int, after: int):
 
 
 def main() -> int:
-    import parallelcomp_triton.pipeline as pipeline
+    import parallelcomp_triton.score as score  # select_kv is called from score.score_chunks
     from budget_replay import RUN_SETTINGS, ChunkingChanged, run_cases
     from parallelcomp_triton import ParallelComp
 
@@ -57,7 +57,7 @@ def main() -> int:
     args = p.parse_args()
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     windows = {v: window(v) for v in variants}
-    select_kv, current = pipeline.select_kv, {}
+    select_kv, current = score.select_kv, {}
 
     def select(scores, cu, budget, pool_kernel=7, **kw):
         before, after = current["window"]
@@ -65,7 +65,7 @@ def main() -> int:
             return select_kv(scores, cu, budget, pool_kernel=2 * before + 1, **kw)
         return select_kv(pooled(scores, cu, before, after), cu, budget, pool_kernel=1, **kw)
 
-    pipeline.select_kv = select
+    score.select_kv = select
     pc = ParallelComp.from_pretrained(None)
     rows = []
     try:

@@ -1,6 +1,11 @@
 """ParallelComp end to end: parallel chunk prefill with KV eviction, chunk eviction by question NLL,
 merge, question pass (with optional attention-bias calibration) and decoding on the compressed cache.
 
+Stages: `encode.encode_chunks` (each chunk's K/V, question-independent), `score.score_chunks` (the question
+rows over them: NLL, window scores, compressed KV) and chunk eviction, per prefill batch; then merge,
+question pass and decoding (here). `encode` stores the first stage's output (`EncodedDocument`) so that
+later questions about the same document run only the rest.
+
 `generate` answers one (document, question) pair; `generate_batch` answers many with one code path:
 the chunks of all documents are packed into the same varlen prefill batches, every document keeps its own
 K best chunks, the question is re-encoded per document, and all sequences decode together over one
@@ -13,18 +18,17 @@ import dataclasses
 import resource
 import time
 from dataclasses import dataclass, field
-from itertools import accumulate
 
 import torch
-import torch.nn.functional as F
 
 from .cache import ChunkCache, CompressedKVCache
 from .config import ParallelCompConfig
 from .errors import ParallelCompError
 from .generation import sample_next
+from .encode import ChunkKV, EncodedDocument, check_model, encode_chunks, open_encoding, write_encoding
 from .kernels.chunk_attention import chunk_attention
 from .kernels.decode_attention import decode_attention
-from .kernels.select_kv import gather_kv, select_kv
+from .score import ScoreItem, keep_best, nan_last, score_chunks
 from .loading import load_model, resolve_model_dir
 from .precision import resolve_dtype
 from .prompt import (PromptTokens, resolve_template, sentence_ends, snap_spans, split_even, tokenize_prompt,
@@ -59,6 +63,8 @@ class Document:
     kept: list[ChunkCache] = field(default_factory=list)
     nll: list[float | None] = field(default_factory=list)
     alive_max: int = 0
+    encoded: EncodedDocument | None = None  # where the chunks' K/V are read from (None: encoded on the fly)
+    chunk_ids: list[int] | None = None      # generate_from_chunks: the encoding's index of each chunk
 
 
 def _peak_memory_bytes(device: torch.device) -> int:
@@ -107,10 +113,11 @@ class ParallelComp:
 
     # ------------------------------------------------------------------ public API
     @torch.no_grad()
-    def generate(self, context: str, question: str, max_new_tokens: int | None = None,
+    def generate(self, context, question: str, max_new_tokens: int | None = None,
                  config: ParallelCompConfig | None = None, progress: bool = False,
                  observer=None) -> GenerationResult:
-        """Answer `question` about `context`. `observer`, if given, is called with what the attention does:
+        """Answer `question` about `context`: the document's text, or an EncodedDocument (`encode`), for which
+        only the question-dependent work runs. `observer`, if given, is called with what the attention does:
         ``observer.chunk_scores(layer, chunk, scores [context_len, H_kv], kept [H_kv, n] | None)`` for every
         chunk and layer, and ``observer.calibration(layer, scores [S + m, H], mask [S + m, H])`` in calibrated
         layers (see parallelcomp_triton.inspect)."""
@@ -130,12 +137,14 @@ class ParallelComp:
             raise ParallelCompError(f"chunks {chunks}: expected indices into the {len(doc.spans)} chunks "
                                     "of mode 'parallelcomp'")
         doc.spans, doc.nll = [doc.spans[c] for c in chunks], [None] * len(chunks)
+        doc.chunk_ids = list(chunks) if doc.encoded is not None else None
         return self._generate_documents(cfg, [doc], False, None)[0]
 
     @torch.no_grad()
     def generate_batch(self, pairs, max_new_tokens: int | None = None, config: ParallelCompConfig | None = None,
                        progress: bool = False, return_errors: bool = False) -> list:
-        """Answer many (context, question) pairs together; result i equals ``generate(*pairs[i])``.
+        """Answer many (context, question) pairs together; result i equals ``generate(*pairs[i])``. A context
+        may be an EncodedDocument (`encode`), also mixed with plain texts.
 
         Chunks of all documents share the varlen prefill batches (`batch_chunks` chunks each, across
         documents); each document keeps its own K best chunks; decoding runs every sequence in one batch.
@@ -175,17 +184,30 @@ class ParallelComp:
                 prepared.append(e)
         return prepared
 
-    def prepare(self, cfg: ParallelCompConfig, context: str, question: str) -> Document:
-        """Tokenize one pair and cut it into chunks; every input check that needs no model pass is here."""
+    def prepare(self, cfg: ParallelCompConfig, context, question: str) -> Document:
+        """Tokenize one pair and cut it into chunks; every input check that needs no model pass is here.
+        `context` is the document's text or an EncodedDocument (then only the question is tokenized, and the
+        encoding's chunks are used: the config must chunk and prompt as the encoding did)."""
         if question is None or (isinstance(question, str) and not question.strip()):
             raise ParallelCompError("the question is empty")
-        if not isinstance(question, str) or not isinstance(context, (str, type(None))):
+        encoded = context if isinstance(context, EncodedDocument) else None
+        if not isinstance(question, str) or not isinstance(context, (str, type(None), EncodedDocument)):
             raise ParallelCompError("the context and the question must be strings")
         dtype = str(self.model.embed_tokens.weight.dtype).removeprefix("torch.")
         stats: dict = {"mode": cfg.mode, "dtype": dtype, "dtype_source": self.dtype_source}
         t0 = time.perf_counter()
         template = resolve_template(self.tokenizer, cfg.template, cfg.prompt, cfg.instruction)
-        toks = tokenize_prompt(self.tokenizer, template, context, question)
+        if encoded is not None:
+            self._check_encoding(cfg, encoded)
+            toks = tokenize_prompt(self.tokenizer, template, "x", question)  # the prefix and the question
+            if toks.prefix != encoded.prefix:
+                raise ParallelCompError(f"encoding {encoded.path}: made with another template prefix "
+                                        f"({len(encoded.prefix)} tokens, this config gives {len(toks.prefix)}); "
+                                        "use the encoding's template and instruction, or encode again")
+            toks = dataclasses.replace(toks, document=encoded.document)
+            stats["encoding"] = str(encoded.path)
+        else:
+            toks = tokenize_prompt(self.tokenizer, template, context, question)
         window = cfg.window or self.args.max_position_embeddings
         fixed = len(toks.prefix) + len(toks.suffix) + cfg.max_new_tokens
         if fixed >= window:
@@ -200,10 +222,18 @@ class ParallelComp:
             if chunk_tokens > room:
                 raise ParallelCompError(f"chunk_tokens {chunk_tokens}: a chunk plus prompt and answer must fit the "
                                         f"{window}-token window (at most {room} here)")
-            spans = split_even(len(toks.document), chunk_tokens)
-            if cfg.snap_to_sentences and len(spans) > 1:
-                sentences, lines = sentence_ends(self.tokenizer, toks.document)
-                spans = snap_spans(spans, sentences, slack=max(1, chunk_tokens // 8), limit=room, fallback=lines)
+            if encoded is None:
+                spans = self.chunk_spans(cfg, toks.document, chunk_tokens, room)
+            else:
+                # The encoding snapped its chunks with the loosest limit any question allows; spans that fit
+                # this question's room are then exactly what chunk_spans(..., room) gives (a tighter limit
+                # only removes cut points the encoding did not use).
+                spans = encoded.spans
+                longest = max(e - s for s, e in spans)
+                if longest > room:
+                    raise ParallelCompError(f"encoding {encoded.path}: its longest chunk ({longest} tokens) plus "
+                                            f"prompt, question and answer does not fit the {window}-token window "
+                                            f"(at most {room} here); ask a shorter question or lower max_new_tokens")
             keep, budget, append_question = cfg.keep_chunks, cfg.kv_budget, True
         else:
             doc = toks.document if cfg.mode == "full" else truncate_middle(toks.document, room)
@@ -217,7 +247,72 @@ class ParallelComp:
         layers = self.args.num_layers
         return Document(toks=toks, spans=spans, keep=keep, budget=budget, append_question=append_question,
                         capacity=capacity, stats=stats, t0=t0, prefix_keys=[None] * layers,
-                        prefix_values=[None] * layers, nll=[None] * len(spans))
+                        prefix_values=[None] * layers, nll=[None] * len(spans), encoded=encoded)
+
+    def chunk_spans(self, cfg: ParallelCompConfig, document: list[int], chunk_tokens: int,
+                    limit: int) -> list[tuple[int, int]]:
+        """Even spans of about `chunk_tokens`, boundaries snapped to sentence ends (spans at most `limit`)."""
+        spans = split_even(len(document), chunk_tokens)
+        if cfg.snap_to_sentences and len(spans) > 1:
+            sentences, lines = sentence_ends(self.tokenizer, document)
+            spans = snap_spans(spans, sentences, slack=max(1, chunk_tokens // 8), limit=limit, fallback=lines)
+        return spans
+
+    # ------------------------------------------------------------------ encodings
+    def _encoding_settings(self, cfg: ParallelCompConfig) -> dict:
+        """The config fields an encoding depends on (besides the model): chunking and the prompt prefix."""
+        return {"mode": cfg.mode, "chunk_tokens": cfg.chunk_tokens, "snap_to_sentences": cfg.snap_to_sentences,
+                "window": cfg.window or self.args.max_position_embeddings, "template": cfg.template,
+                "instruction": cfg.instruction, "prompt": cfg.prompt}
+
+    def _check_encoding(self, cfg: ParallelCompConfig, encoded: EncodedDocument) -> None:
+        if cfg.mode != "parallelcomp":
+            raise ParallelCompError(f"an encoded document is answered in mode 'parallelcomp', not {cfg.mode!r}")
+        check_model(encoded, self.model, self.tokenizer)
+        made, now = encoded.settings(), self._encoding_settings(cfg)
+        for name in ("chunk_tokens", "snap_to_sentences", "window"):
+            if made[name] != now[name]:
+                raise ParallelCompError(f"encoding {encoded.path}: made with {name}={made[name]!r}, this config "
+                                        f"has {now[name]!r}; use the encoding's settings "
+                                        "(EncodedDocument.settings()) or encode again")
+
+    @torch.no_grad()
+    def encode(self, context: str, config: ParallelCompConfig | None = None, path=None,
+               progress: bool = False) -> EncodedDocument:
+        """Encode `context` once for many questions: every chunk's full K/V per layer (and the prompt prefix's
+        once), computed exactly as `generate` computes them (same chunks, same `batch_chunks` batches).
+
+        `path`: the directory to write (atomically; an existing encoding there is replaced); None: a
+        temporary directory the returned object owns (removed by its close() or garbage collection).
+        Later questions (`generate(encoded, question, config=...)`) run only the question-dependent work;
+        their config must chunk as this one (`chunk_tokens`, `snap_to_sentences`, `window`) and give the
+        same template prefix. Needs mode 'parallelcomp' and a fixed `chunk_tokens` (None sizes chunks by
+        the question)."""
+        cfg = self.resolve_config(config, None)
+        if cfg.mode != "parallelcomp":
+            raise ParallelCompError(f"encode: mode {cfg.mode!r} cuts the document by the question; only mode "
+                                    "'parallelcomp' encodes chunks independently of it")
+        if cfg.chunk_tokens is None:
+            raise ParallelCompError("encode: chunk_tokens=None sizes chunks by the question; give chunk_tokens")
+        if not isinstance(context, str):
+            raise ParallelCompError("the context must be a string")
+        template = resolve_template(self.tokenizer, cfg.template, cfg.prompt, cfg.instruction)
+        toks = tokenize_prompt(self.tokenizer, template, context, "?")
+        window = cfg.window or self.args.max_position_embeddings
+        # The loosest room any question leaves (a suffix and an answer of at least one token each).
+        limit = window - len(toks.prefix) - 2
+        if cfg.chunk_tokens > limit:
+            raise ParallelCompError(f"chunk_tokens {cfg.chunk_tokens}: a chunk plus prompt and answer must fit the "
+                                    f"{window}-token window (at most {limit} here)")
+        spans = self.chunk_spans(cfg, toks.document, cfg.chunk_tokens, limit)
+        settings = dict(self._encoding_settings(cfg), batch_chunks=cfg.batch_chunks)
+        return write_encoding(self.model, self.tokenizer, self.source, toks.prefix, toks.document, spans, settings,
+                              path, self.backend, progress)
+
+    def load_encoded(self, path) -> EncodedDocument:
+        """An encoding saved by `encode(path=...)` or `EncodedDocument.save`, checked against this model:
+        another model, tokenizer or dtype, or a missing, truncated or corrupt file is refused in one line."""
+        return open_encoding(path, self.model, self.tokenizer)
 
     # ------------------------------------------------------------------ stages
     def _generate_documents(self, cfg, docs: list[Document], progress, observer) -> list[GenerationResult]:
@@ -298,8 +393,10 @@ class ParallelComp:
         """Encode the chunks `work` = [(document, chunk)] `batch_chunks` at a time, packed varlen across
         documents; keep each document's `keep` best compressed caches in `docs[d].kept`.
 
+        Per batch: the chunks' full K/V (`encode.encode_chunks` in memory, or read from the document's
+        encoding), then the question-dependent part (`score.score_chunks`: question NLL, window scores,
+        compressed KV), then chunk eviction; the batch's full K/V is freed before the next one.
         `on_document_done(d, doc)` runs once all of document d's chunks in `work` are scored."""
-        model, device, backend = self.model, self.device, self.backend
         # One config for every document: budget and mode are shared.
         budget, append_question = docs[0].budget, docs[0].append_question
         need_scores = budget is not None or observer is not None
@@ -311,76 +408,24 @@ class ParallelComp:
             bar = tqdm(total=len(work), desc="chunks", unit="chunk", leave=False)
         for first in range(0, len(work), cfg.batch_chunks):
             batch = work[first:first + cfg.batch_chunks]
-            ids, pos, lens, ctx_rows, windows, suffixes, scored = [], [], [], [], [], [], []
-            caches: list[ChunkCache] = []
-            prefix_rows: dict[int, int] = {}  # document -> first row of its prefix, while its prefix KV is unset
-            start = 0
-            for d, c in batch:
-                doc = docs[d]
-                prefix, (s, e) = doc.toks.prefix, doc.spans[c]
-                suffix = doc.toks.suffix if append_question else []
-                seq = prefix + doc.toks.document[s:e] + suffix
-                ids.extend(seq)
-                pos.extend(range(len(seq)))
-                lens.append(len(seq))
-                ctx_rows.append((start + len(prefix), start + len(prefix) + (e - s)))
-                windows.append(min(cfg.score_window, len(suffix)) if need_scores else 0)
-                suffixes.append(suffix)
-                scored.append(doc.toks.question if cfg.score_tokens == "question" else (0, len(suffix)))
-                if prefix and doc.prefix_keys[0] is None and d not in prefix_rows:
-                    prefix_rows[d] = start
-                caches.append(ChunkCache(index=c, context_len=e - s, positions=[] if budget is not None else None))
-                start += len(seq)
-            ids_t = torch.tensor(ids, dtype=torch.long, device=device)
-            pos_t = torch.tensor(pos, dtype=torch.long, device=device)
-            runs = _window_runs(lens, windows, device)
-            ctx_lens = [b - a for a, b in ctx_rows]
-            # Context rows of every chunk, packed: what KV eviction chooses from (prefix and question excluded).
-            ctx_index = torch.cat([torch.arange(a, b, device=device) for a, b in ctx_rows])
-            ctx_cu = torch.tensor([0] + list(accumulate(ctx_lens)), dtype=torch.int32, device=device)
-            kept_lens = [min(budget, n) for n in ctx_lens] if budget is not None else ctx_lens
-
-            def attend(layer, q, k, v):
-                out, scores = _packed_chunk_attention(q, k, v, runs, cfg.gqa_reduce, backend)
-                for d, row in prefix_rows.items():
-                    # The prefix sees only itself: its KV is the same in every chunk, so one copy serves all.
-                    p_len = len(docs[d].toks.prefix)
-                    docs[d].prefix_keys[layer] = k[row:row + p_len].transpose(0, 1).contiguous()
-                    docs[d].prefix_values[layer] = v[row:row + p_len].transpose(0, 1).contiguous()
-                if budget is None:
-                    for cache, (a, b) in zip(caches, ctx_rows):
-                        cache.keys.append(k[a:b].transpose(0, 1).contiguous())
-                        cache.values.append(v[a:b].transpose(0, 1).contiguous())
-                        if observer is not None and scores is not None:
-                            observer.chunk_scores(layer, cache.index, scores[a:b], None)
-                    return out
-                keep_idx, _ = select_kv(scores[ctx_index], ctx_cu, budget, pool_kernel=cfg.pool_kernel,
-                                        backend=backend)
-                k_c, v_c = gather_kv(k[ctx_index], v[ctx_index], ctx_cu, keep_idx, backend=backend)
-                for i, cache in enumerate(caches):
-                    n = kept_lens[i]
-                    cache.keys.append(k_c[i, :, :n].contiguous())
-                    cache.values.append(v_c[i, :, :n].contiguous())
-                    cache.positions.append(keep_idx[i, :, :n])
-                    if observer is not None:
-                        a, b = ctx_rows[i]
-                        observer.chunk_scores(layer, cache.index, scores[a:b], keep_idx[i, :, :n])
-                return out
-
-            # The only final hidden states read: the rows that predict the question tokens (none without a
-            # question), so the model's last layer projects and MLPs these alone.
-            rows = torch.cat([torch.arange(b - 1, b - 1 + len(sfx), device=device)
-                              for (_, b), sfx in zip(ctx_rows, suffixes)])
-            hidden = model(ids_t, pos_t, attend, out_rows=rows)
+            kvs = self.chunk_kv(docs, batch)
             if append_question:
-                # Question NLL given the chunk, from the few rows that predict the question tokens.
-                target = torch.tensor([t for sfx in suffixes for t in sfx], dtype=torch.long, device=device)
-                losses = F.cross_entropy(model.lm_head_rows(hidden), target, reduction="none")
-                nll = torch.stack([part[a:b].mean() for part, (a, b)
-                                   in zip(losses.split([len(sfx) for sfx in suffixes]), scored)])
-                for cache, value in zip(caches, nll.tolist()):
-                    cache.nll = value
-            del hidden
+                items = []
+                for (d, c), kv in zip(batch, kvs):
+                    doc = docs[d]
+                    suffix = doc.toks.suffix
+                    items.append(ScoreItem(
+                        index=c, kv=kv, prefix_keys=doc.prefix_keys if doc.toks.prefix else [],
+                        prefix_values=doc.prefix_values if doc.toks.prefix else [], suffix=suffix,
+                        scored=doc.toks.question if cfg.score_tokens == "question" else (0, len(suffix)),
+                        window=min(cfg.score_window, len(suffix)) if need_scores else 0))
+                caches = score_chunks(self.model, items, budget, cfg.pool_kernel, cfg.gqa_reduce, self.backend,
+                                      observer)
+                del items
+            else:  # one chunk holding the whole (or truncated) document: nothing to score or evict
+                caches = [ChunkCache(index=c, context_len=kv.length, keys=kv.keys, values=kv.values)
+                          for (_, c), kv in zip(batch, kvs)]
+            del kvs
             # Chunk eviction, per document: the K lowest NLL survive (ties: earlier chunk); the rest are freed.
             new_by_doc: dict[int, list[ChunkCache]] = collections.defaultdict(list)
             for (d, _), cache in zip(batch, caches):
@@ -392,7 +437,7 @@ class ParallelComp:
                     for cache in new:
                         doc.nll[cache.index] = cache.nll
                 doc.alive_max = max(doc.alive_max, len(doc.kept) + len(new))
-                doc.kept = sorted(doc.kept + new, key=lambda c: (_nan_last(c.nll), c.index))[:doc.keep]
+                doc.kept = keep_best(doc.kept, new, doc.keep)
                 remaining[d] -= len(new)
                 if remaining[d] == 0:
                     doc.kept.sort(key=lambda c: c.index)
@@ -403,6 +448,34 @@ class ParallelComp:
                 bar.update(len(batch))
         if bar is not None:
             bar.close()
+
+    def chunk_kv(self, docs: list[Document], batch: list[tuple[int, int]]) -> list[ChunkKV]:
+        """The full K/V of the chunks `batch` = [(document, chunk)]: one `encode_chunks` pass over those of
+        plain documents, a read of the others' from their encoding. Sets each document's prefix K/V the first
+        time one of its chunks comes by."""
+        out: list[ChunkKV | None] = [None] * len(batch)
+        fresh = [i for i, (d, _) in enumerate(batch) if docs[d].encoded is None]
+        if fresh:
+            seqs, capture, seen = [], [], set()
+            for i in fresh:
+                d, c = batch[i]
+                doc = docs[d]
+                s, e = doc.spans[c]
+                seqs.append((doc.toks.prefix, doc.toks.document[s:e]))
+                capture.append(bool(doc.toks.prefix) and doc.prefix_keys[0] is None and d not in seen)
+                seen.add(d)
+            kvs, prefixes = encode_chunks(self.model, seqs, capture, self.backend)
+            for i, kv, prefix in zip(fresh, kvs, prefixes):
+                out[i] = kv
+                if prefix is not None:
+                    docs[batch[i][0]].prefix_keys, docs[batch[i][0]].prefix_values = prefix
+        for i, (d, c) in enumerate(batch):
+            doc = docs[d]
+            if doc.encoded is not None:
+                if doc.toks.prefix and doc.prefix_keys[0] is None:
+                    doc.prefix_keys, doc.prefix_values = doc.encoded.load_prefix(self.device)
+                out[i] = doc.encoded.load_chunk(doc.chunk_ids[c] if doc.chunk_ids else c, self.device)
+        return out
 
     def _question_pass(self, cfg, cache: CompressedKVCache, row: int, suffix: list[int], p0: int, stats,
                        observer=None) -> torch.Tensor:
@@ -501,35 +574,6 @@ class ParallelComp:
         return outs, steps
 
 
-def _window_runs(lens: list[int], windows: list[int], device) -> list[tuple[int, int, torch.Tensor, int]]:
-    """Split packed sequences into runs of neighbours that share one score window, as (first row, end row,
-    cu_seqlens, window): chunk_attention takes one window per call. Documents whose questions are at least
-    `score_window` tokens long all share one, so a prefill batch is normally one run."""
-    runs, row, i = [], 0, 0
-    while i < len(lens):
-        j = i
-        while j < len(lens) and windows[j] == windows[i]:
-            j += 1
-        cu = torch.tensor([0] + list(accumulate(lens[i:j])), dtype=torch.int32, device=device)
-        end = row + sum(lens[i:j])
-        runs.append((row, end, cu, windows[i]))
-        row, i = end, j
-    return runs
-
-
-def _packed_chunk_attention(q, k, v, runs, score_reduce: str, backend):
-    """chunk_attention over the packed batch, one call per window run; (out, scores or None)."""
-    outs, scores = [], []
-    for a, b, cu, window in runs:
-        out, _, score = chunk_attention(q[a:b], k[a:b], v[a:b], cu, cu, causal=True, score_window=window,
-                                        score_reduce=score_reduce, return_lse=False, backend=backend)
-        outs.append(out)
-        scores.append(score)
-    if len(runs) == 1:
-        return outs[0], scores[0]
-    return torch.cat(outs), (torch.cat(scores) if scores[0] is not None else None)
-
-
 def _region_mask(cal, merged: int, m: int, device) -> torch.Tensor:
     """Which of the merged + m keys calibration may mask: merged-cache positions in the region, never the
     question's own tokens."""
@@ -545,5 +589,4 @@ def _region_mask(cal, merged: int, m: int, device) -> torch.Tensor:
     return in_cache
 
 
-def _nan_last(x: float) -> float:
-    return float("inf") if x != x else x
+_nan_last = nan_last  # distributed.py and benchmarks import it from here

@@ -3,6 +3,8 @@
     python -m parallelcomp_triton.run --input doc.txt --question "What is the pass key?"
     python -m parallelcomp_triton.run --demo            # passkey retrieval beyond the trained window
     python -m parallelcomp_triton.run --input-jsonl questions.jsonl > answers.jsonl
+    python -m parallelcomp_triton.run --input doc.txt --questions questions.txt --save-encoding doc.enc
+    python -m parallelcomp_triton.run --encoding doc.enc --question "And who wrote it?"
     torchrun --nproc-per-node 2 -m parallelcomp_triton.run --input doc.txt --question "..." --distributed
 
 The answer goes to stdout, a progress bar over chunks to stderr; --json prints one object with the answer
@@ -13,6 +15,14 @@ and the stats. Bad input prints one line to stderr and exits with code 2.
 in input order: {"line": N, "id": ..., "answer": ...}. A bad line (invalid JSON, a missing or empty field,
 a question that does not fit the window) gets {"line": N, "error": "..."} and a one-line message on
 stderr; the other lines are still answered, and the exit code is 2.
+
+Many questions about one document: --question may be repeated, or --questions FILE gives one per line;
+the document is then encoded once (each chunk's K/V, question-independent) and every question runs only the
+question-dependent work over it. Answers are printed in order, one per line (line breaks inside an answer
+become spaces; --json prints one JSON object per question instead). --save-encoding DIR keeps the encoding;
+--encoding DIR answers from a saved one instead of --input, with its chunking, prompt and batch settings
+(--chunk-tokens, --template, --instruction, --window, --batch-chunks are the encoding's) and, under
+--dtype auto, its dtype.
 
 --distributed (under torchrun): every rank loads the model and prefills its share of the chunks; rank 0
 gathers the K best compressed chunk caches, answers and prints; the other ranks print nothing.
@@ -59,11 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--input", help="document file (UTF-8), or - for stdin")
     src.add_argument("--input-jsonl", metavar="FILE",
                      help="one JSON object per line with context, question (and id); - for stdin")
+    src.add_argument("--encoding", metavar="DIR",
+                     help="answer from a document encoded before (--save-encoding) instead of --input")
     src.add_argument("--demo", action="store_true",
                      help="build a passkey document (--demo-tokens long) and answer it: the bundled model's main job")
     p.add_argument("--demo-tokens", type=int, default=16000, help="length of the --demo document in tokens")
     p.add_argument("--instruction", default="", help="task text placed before the document (shared prefix)")
-    p.add_argument("--question", help="the question (required with --input)")
+    p.add_argument("--question", action="append",
+                   help="the question (required with --input or --encoding); repeat it for several questions")
+    p.add_argument("--questions", metavar="FILE", help="more questions, one per line")
+    p.add_argument("--save-encoding", metavar="DIR",
+                   help="with --input: encode the document once, save it in DIR, then answer")
     p.add_argument("--model", default=None, help="model directory or Hub id ORG/NAME[@REV] (default: bundled SmolLM2-135M)")
     p.add_argument("--mode", choices=MODES, default=d.mode)
     p.add_argument("--template", choices=TEMPLATES, default=d.template)
@@ -193,12 +209,22 @@ def main(argv=None) -> int:
 
 
 def _config(args) -> ParallelCompConfig:
-    if args.input is None and args.input_jsonl is None and not args.demo:
-        raise ParallelCompError("give --input FILE (or - for stdin) and --question, --input-jsonl FILE, or --demo")
-    if args.input is not None and not args.question:
-        raise ParallelCompError("--question is required with --input")
-    if args.input_jsonl is not None and args.question:
+    if args.input is None and args.input_jsonl is None and not args.demo and args.encoding is None:
+        raise ParallelCompError("give --input FILE (or - for stdin) and --question, --input-jsonl FILE, "
+                                "--encoding DIR and --question, or --demo")
+    for source in ("input", "encoding"):
+        if getattr(args, source) is not None and not args.question and not args.questions:
+            raise ParallelCompError(f"--question is required with --{source}")
+    if args.input_jsonl is not None and (args.question or args.questions):
         raise ParallelCompError("--question is not used with --input-jsonl (every line has its own question)")
+    if args.demo and (args.questions or len(args.question or []) > 1):
+        raise ParallelCompError("--demo answers one question")
+    if args.save_encoding is not None and args.input is None:
+        raise ParallelCompError("--save-encoding needs --input (the document to encode)")
+    if args.distributed and (args.encoding is not None or args.save_encoding is not None):
+        # Refused for now: every rank would need the encoding's files (or rank 0 would have to ship each
+        # rank its chunks' K/V, more bytes than the chunks' compressed caches the distributed run sends).
+        raise ParallelCompError("--encoding and --save-encoding do not work with --distributed")
     if args.batch_docs < 1:
         raise ParallelCompError(f"--batch-docs {args.batch_docs}: must be >= 1")
     if args.demo_tokens < 100:
@@ -221,12 +247,30 @@ def _config(args) -> ParallelCompConfig:
     return cfg
 
 
+def read_questions(args) -> list[str]:
+    """--question (repeatable) then the lines of --questions FILE (blank lines skipped)."""
+    questions = list(args.question or [])
+    if args.questions is not None:
+        data = read_input_bytes(args.questions)
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise ParallelCompError(f"{args.questions}: not UTF-8 text (bad byte at offset {e.start})") from None
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        if not lines:
+            raise ParallelCompError(f"{args.questions}: no questions")
+        questions += lines
+    return questions
+
+
 def _read_jobs(args) -> list[Job]:
-    """The documents to answer; --demo builds its document later, once the tokenizer is loaded."""
+    """The documents to answer (--input: one job per question, sharing the document; --encoding: the
+    questions, without a context); --demo builds its document later, once the tokenizer is loaded."""
     if args.input_jsonl is not None:
         return read_jsonl(args.input_jsonl)
-    if args.input is not None:
-        return [Job(1, context=read_document(args.input), question=args.question)]
+    if args.input is not None or args.encoding is not None:
+        context = read_document(args.input) if args.input is not None else None
+        return [Job(n, context=context, question=q) for n, q in enumerate(read_questions(args), start=1)]
     return []
 
 
@@ -243,7 +287,7 @@ def _demo_job(pc, args) -> tuple[Job, str]:
     from .tasks import passkey_case
 
     case = passkey_case(pc.tokenizer, args.demo_tokens, depth=0.6, seed=args.seed or 0)
-    return Job(1, context=case.context, question=args.question or case.question), case.answer
+    return Job(1, context=case.context, question=(args.question or [case.question])[0]), case.answer
 
 
 def _main(args) -> int:
@@ -253,9 +297,20 @@ def _main(args) -> int:
     if args.distributed:
         return _main_distributed(args, cfg)
     jobs = _read_jobs(args)
-    pc = ParallelComp.from_pretrained(args.model, dtype=args.dtype, device=_device(args), backend=args.backend)
+    dtype = args.dtype
+    if args.encoding is not None:
+        from .encode import read_meta
+
+        meta = read_meta(args.encoding)  # a bad directory fails before the model loads
+        if dtype == "auto":
+            dtype = meta["dtype"]  # the encoding's precision
+    pc = ParallelComp.from_pretrained(args.model, dtype=dtype, device=_device(args), backend=args.backend)
+    if dtype != args.dtype:
+        pc.dtype_source = "auto: the encoding's dtype"
     if args.input_jsonl is not None:
         return answer_jsonl(pc, jobs, cfg, args)
+    if args.encoding is not None or args.save_encoding is not None or len(jobs) > 1:
+        return answer_encoded(pc, jobs, cfg, args)
     expected = None
     if args.demo:
         job, expected = _demo_job(pc, args)
@@ -263,6 +318,28 @@ def _main(args) -> int:
         job = jobs[0]
     res = pc.generate(job.context, job.question, config=cfg, progress=not args.no_progress)
     _print_answer(res, args, expected, cfg)
+    return 0
+
+
+def answer_encoded(pc, jobs: list[Job], cfg, args) -> int:
+    """Many questions about one document: encode it once (or load --encoding), then answer every question
+    over the encoding, printing each answer as it comes."""
+    if args.encoding is not None:
+        encoded = pc.load_encoded(args.encoding)
+        cfg = encoded.config(cfg)  # chunk, prompt and batch as the encoding did
+    else:
+        for job in jobs:  # the window checks that need no document, before the (long) encoding
+            pc.prepare(pc.resolve_config(cfg, None), "x", job.question)
+        encoded = pc.encode(jobs[0].context, cfg, path=args.save_encoding, progress=not args.no_progress)
+    try:
+        for job in jobs:  # every question checked (fits the window, ...) before the first is answered
+            pc.prepare(pc.resolve_config(cfg, None), encoded, job.question)
+        for job in jobs:
+            res = pc.generate(encoded, job.question, config=cfg, progress=not args.no_progress)
+            _print_answer(res, args, None, cfg, question=job.question, one_line=len(jobs) > 1,
+                          number=job.line if len(jobs) > 1 else None)
+    finally:
+        encoded.close()  # removes a temporary encoding; a saved one stays
     return 0
 
 
@@ -276,16 +353,18 @@ def empty_answer_warning(cfg, where: str = "") -> str:
     return f"warning: {where}empty answer (the model ended its turn at once); {fix}"
 
 
-def _print_answer(res, args, expected, cfg) -> None:
+def _print_answer(res, args, expected, cfg, question=None, one_line=False, number=None) -> None:
     if res.stats.get("empty_answer"):
-        print(empty_answer_warning(cfg), file=sys.stderr)
+        print(empty_answer_warning(cfg, f"question {number}: " if number is not None else ""), file=sys.stderr)
     if args.json:
         out = {"answer": res.text, "token_ids": res.token_ids, "stats": res.stats}
+        if question is not None:
+            out = {"question": question, **out}
         if expected is not None:
             out["expected"] = expected
-        print(json.dumps(out))
+        print(json.dumps(out), flush=True)
     else:
-        print(res.text.strip())
+        print(" ".join(res.text.splitlines()).strip() if one_line else res.text.strip(), flush=True)
         if expected is not None:
             ok = expected in res.text
             print(f"[demo] {res.stats['document_tokens']} document tokens, {len(res.stats['chunk_spans'])} chunks, "
@@ -374,11 +453,14 @@ def _main_distributed(args, cfg) -> int:
             expected = None
             if args.demo:  # every rank builds the same document from the same seed
                 job, expected = _demo_job(pc, args)
-            else:
-                job = jobs[0]
-            (res,) = generate_distributed(pc, ctx, [(job.context, job.question)], config=cfg, progress=progress)
+                jobs = [job]
+            # Several questions (--question repeated, --questions): one generate_batch over the pairs.
+            results = generate_distributed(pc, ctx, [(job.context, job.question) for job in jobs], config=cfg,
+                                           progress=progress)
             if ctx.rank == 0:
-                _print_answer(res, args, expected, cfg)
+                for job, res in zip(jobs, results):
+                    _print_answer(res, args, expected, cfg, question=job.question if len(jobs) > 1 else None,
+                                  one_line=len(jobs) > 1, number=job.line if len(jobs) > 1 else None)
             code = 0
         together = True
         return code

@@ -5,6 +5,7 @@ import random
 import pytest
 import torch
 
+import parallelcomp_triton.encode as encode_mod
 import parallelcomp_triton.pipeline as pipeline_mod
 from parallelcomp_triton import Calibration, ParallelComp, ParallelCompConfig, ParallelCompError
 from parallelcomp_triton.cache import CompressedKVCache
@@ -83,14 +84,15 @@ def test_prefill_batches_pack_chunks_across_documents(pc, monkeypatch):
     cfg = ParallelCompConfig(chunk_tokens=97, keep_chunks=2, kv_budget=16, batch_chunks=3, max_new_tokens=2)
     pairs = [PAIRS[0], PAIRS[2]]  # 10 + 16 byte-level chunks, both questions longer than the window
     seq_counts = []
-    real = pipeline_mod.chunk_attention
+    real = encode_mod.chunk_attention
 
     def spy(q, k, v, cu_q, cu_k, **kw):
-        if int(cu_q[-1]) == int(cu_k[-1]):  # a prefill call (the question pass has Lq < Lk)
+        if int(cu_q[-1]) == int(cu_k[-1]):  # a prefill call (the question rows have Lq < Lk)
             seq_counts.append(cu_q.numel() - 1)
         return real(q, k, v, cu_q, cu_k, **kw)
 
-    monkeypatch.setattr(pipeline_mod, "chunk_attention", spy)
+    # The chunks' K/V are computed by encode.encode_chunks (the question rows by score.score_chunks).
+    monkeypatch.setattr(encode_mod, "chunk_attention", spy)
     res = pc.generate_batch(pairs, config=cfg)
     chunks = [len(r.stats["chunk_spans"]) for r in res]
     total = sum(chunks)

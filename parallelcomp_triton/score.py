@@ -1,0 +1,134 @@
+"""The question-dependent stage per chunk: score a batch of chunks against the question, compress their KV,
+and keep each document's K best.
+
+`score_chunks` takes chunks whose K/V `encode.encode_chunks` computed (just now, or stored in an encoding)
+and runs only the question suffix rows through the model, at positions len(prefix) + len(chunk) + i, each
+attending to [prefix K/V, chunk K/V, its own suffix K/V] (varlen: Lq = suffix length, Lk = prefix + chunk +
+suffix, causal bottom-right aligned). That yields exactly what one causal pass over prefix + chunk + suffix
+yields for those rows: the question NLL given the chunk (which ranks it) and the window scores of the
+suffix's last w rows over the chunk's keys (which choose the KV kept by select_kv / gather_kv).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import accumulate
+
+import torch
+import torch.nn.functional as F
+
+from .cache import ChunkCache
+from .encode import ChunkKV
+from .kernels.chunk_attention import chunk_attention
+from .kernels.select_kv import gather_kv, select_kv
+
+
+@dataclass
+class ScoreItem:
+    """One chunk to score: its K/V, its document's prefix K/V (empty lists without a prefix) and question."""
+
+    index: int                        # chunk index in its document
+    kv: ChunkKV
+    prefix_keys: list[torch.Tensor]   # per layer [H_kv, p, d]
+    prefix_values: list[torch.Tensor]
+    suffix: list[int]                 # question suffix tokens
+    scored: tuple[int, int]           # the suffix tokens the NLL averages
+    window: int                       # score window rows (0: no scores needed)
+
+    @property
+    def prefix_len(self) -> int:
+        return self.prefix_keys[0].shape[1] if self.prefix_keys else 0
+
+
+@torch.no_grad()
+def score_chunks(model, items: list[ScoreItem], budget: int | None, pool_kernel: int, gqa_reduce: str,
+                 backend: str = "auto", observer=None) -> list[ChunkCache]:
+    """Question NLL and compressed KV (B = `budget` per layer and KV head, None: all) of every item, packed
+    in one model call; one ChunkCache per item. `observer.chunk_scores(layer, chunk, scores [n, H_kv],
+    kept [H_kv, n'] | None)` sees the window scores over each chunk's keys."""
+    device = model.embed_tokens.weight.device
+    m_lens = [len(it.suffix) for it in items]
+    q_off = [0] + list(accumulate(m_lens))
+    ids = torch.tensor([t for it in items for t in it.suffix], dtype=torch.long, device=device)
+    pos = torch.cat([torch.arange(it.prefix_len + it.kv.length, it.prefix_len + it.kv.length + m, device=device)
+                     for it, m in zip(items, m_lens)])
+    # Runs of neighbours that share one score window: chunk_attention takes one window per call.
+    runs, i = [], 0
+    while i < len(items):
+        j = i
+        while j < len(items) and items[j].window == items[i].window:
+            j += 1
+        k_lens = [items[x].prefix_len + items[x].kv.length + m_lens[x] for x in range(i, j)]
+        cu_q = torch.tensor([0] + list(accumulate(m_lens[i:j])), dtype=torch.int32, device=device)
+        cu_k = torch.tensor([0] + list(accumulate(k_lens)), dtype=torch.int32, device=device)
+        runs.append((i, j, cu_q, cu_k, [0] + list(accumulate(k_lens)), items[i].window))
+        i = j
+    ctx_lens = [it.kv.length for it in items]
+    ctx_cu = torch.tensor([0] + list(accumulate(ctx_lens)), dtype=torch.int32, device=device)
+    kept_lens = [min(budget, n) for n in ctx_lens] if budget is not None else ctx_lens
+    caches = [ChunkCache(index=it.index, context_len=it.kv.length, positions=[] if budget is not None else None)
+              for it in items]
+
+    def attend(layer, q, k, v):
+        outs, ctx_scores = [], []
+        for a, b, cu_q, cu_k, k_starts, window in runs:
+            ks, vs = [], []
+            for x in range(a, b):
+                it = items[x]
+                if it.prefix_keys:
+                    ks.append(it.prefix_keys[layer].transpose(0, 1))
+                    vs.append(it.prefix_values[layer].transpose(0, 1))
+                ks += [it.kv.keys[layer].transpose(0, 1), k[q_off[x]:q_off[x + 1]]]
+                vs += [it.kv.values[layer].transpose(0, 1), v[q_off[x]:q_off[x + 1]]]
+            out, _, scores = chunk_attention(q[q_off[a]:q_off[b]], torch.cat(ks), torch.cat(vs), cu_q, cu_k,
+                                             causal=True, score_window=window, score_reduce=gqa_reduce,
+                                             return_lse=False, backend=backend)
+            outs.append(out)
+            if scores is not None:
+                for x in range(a, b):
+                    start = k_starts[x - a] + items[x].prefix_len
+                    ctx_scores.append(scores[start:start + ctx_lens[x]])
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        if budget is None:
+            for x, (cache, it) in enumerate(zip(caches, items)):
+                cache.keys.append(it.kv.keys[layer])
+                cache.values.append(it.kv.values[layer])
+                if observer is not None and ctx_scores:
+                    observer.chunk_scores(layer, cache.index, ctx_scores[x], None)
+            return out
+        keep_idx, _ = select_kv(torch.cat(ctx_scores), ctx_cu, budget, pool_kernel=pool_kernel, backend=backend)
+        k_ctx = torch.cat([it.kv.keys[layer].transpose(0, 1) for it in items])
+        v_ctx = torch.cat([it.kv.values[layer].transpose(0, 1) for it in items])
+        k_c, v_c = gather_kv(k_ctx, v_ctx, ctx_cu, keep_idx, backend=backend)
+        for x, cache in enumerate(caches):
+            n = kept_lens[x]
+            cache.keys.append(k_c[x, :, :n].contiguous())
+            cache.values.append(v_c[x, :, :n].contiguous())
+            cache.positions.append(keep_idx[x, :, :n])
+            if observer is not None:
+                observer.chunk_scores(layer, cache.index, ctx_scores[x], keep_idx[x, :, :n])
+        return out
+
+    # The final hidden states read: the suffix rows that predict the next suffix token (the chunk's last
+    # token, stored with its K/V, predicts the first), so the last layer projects and MLPs these alone.
+    rows = torch.tensor([r for x, m in enumerate(m_lens) for r in range(q_off[x], q_off[x] + m - 1)],
+                        dtype=torch.long, device=device)
+    hidden = model(ids, pos, attend, out_rows=rows)
+    parts, h = [], 0
+    for it, m in zip(items, m_lens):
+        parts += [it.kv.hidden[None].to(hidden.dtype), hidden[h:h + m - 1]]
+        h += m - 1
+    losses = F.cross_entropy(model.lm_head_rows(torch.cat(parts)), ids, reduction="none")
+    nll = torch.stack([part[a:b].mean() for part, (a, b) in zip(losses.split(m_lens), (it.scored for it in items))])
+    for cache, value in zip(caches, nll.tolist()):
+        cache.nll = value
+    return caches
+
+
+def keep_best(kept: list[ChunkCache], new: list[ChunkCache], keep: int) -> list[ChunkCache]:
+    """Chunk eviction: the `keep` lowest question NLLs of kept + new survive (ties: the earlier chunk; NaN
+    last); the others are dropped (freed once nothing else holds them)."""
+    return sorted(kept + new, key=lambda c: (nan_last(c.nll), c.index))[:keep]
+
+
+def nan_last(x: float) -> float:
+    return float("inf") if x != x else x
