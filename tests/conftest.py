@@ -16,6 +16,19 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: real-model cases that take more than a few seconds")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread while a module runs (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`).
+    The test machine has 2 cores shared with other jobs; there, two OpenMP threads spin against each other
+    and a 30-layer decode step took 0.8 s instead of 0.1 s (measured). Restored afterwards."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def bundled_model_dir():
     """The bundled SmolLM2-135M-Instruct, converted once into the cache directory."""

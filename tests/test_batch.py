@@ -26,13 +26,7 @@ PAIRS = [(document(180, 1), "Which word comes first?"), (document(12, 2), "Name 
          (document(300, 3), "What is the last word in the text?"), (document(90, 4), "Hm")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two cores shared with other jobs: OpenMP threads spinning against each other make tiny GEMMs 10x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ from parallelcomp_triton import ParallelComp, ParallelCompConfig
 from parallelcomp_triton.errors import ParallelCompError
 from parallelcomp_triton.loading import load_transformer, resolve_model_dir
 from parallelcomp_triton.model import ModelArgs
+from test_loading import raises_one_line
 from test_model_vs_hf import assert_logits_close, greedy_hf, greedy_ours_teacher_forced
 
 N_TOKENS = 128
@@ -44,12 +45,7 @@ VARIANTS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -71,14 +67,6 @@ def hf_model(model_dir):
                                                 attn_implementation="eager").eval()
 
 
-def raises_one_line(fn, *names) -> str:
-    with pytest.raises(ParallelCompError) as info:
-        fn()
-    message = str(info.value)
-    assert "\n" not in message and message.strip() == message, repr(message)
-    for name in names:
-        assert str(name) in message, f"{name!r} not in {message!r}"
-    return message
 
 
 def document(n_words: int, seed: int) -> str:

@@ -25,15 +25,7 @@ BUNDLED_PPL_TOKENS = 1024
 BUNDLED_PPL = 25.68
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread while this module runs. The test machine has 2 cores shared with other
-    jobs; there, two OpenMP threads spin against each other and a 30-layer decode step took 0.8 s
-    instead of 0.1 s (measured). Restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def hf_llama(model_dir, dtype=torch.float32):
