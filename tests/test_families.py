@@ -447,3 +447,46 @@ def test_cli_repo_id_answers_as_the_directory(model_dir, tmp_path):
     assert missing.returncode == 2
     lines = [line for line in missing.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: tiny-org/absent") and "HF_HUB_OFFLINE" in lines[0]
+
+
+@pytest.mark.slow
+def test_cli_bundled_model_by_repo_id_answers_as_by_directory(bundled_model_dir, tmp_path):
+    """The bundled model copied into a Hugging Face cache under a made-up id, offline: `--model org/name`
+    gives exactly the answer `--model DIR` gives."""
+    cache = tmp_path / "hub"
+    make_hub_cache(cache, "made-up-org/smollm2-135m", bundled_model_dir)
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The pass key is 52114. " + "The grass is green. " * 40)
+    common = ["--input", str(doc), "--question", "What is the pass key? The pass key is", "--max-new-tokens", "6",
+              "--json", "--no-progress"]
+    env = dict(HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")
+    by_dir = run_cli("--model", str(bundled_model_dir), *common, env_extra=env)
+    by_id = run_cli("--model", "made-up-org/smollm2-135m", *common, env_extra=env)
+    assert by_dir.returncode == 0 and by_id.returncode == 0, by_dir.stderr + by_id.stderr
+    a, b = json.loads(by_dir.stdout), json.loads(by_id.stdout)
+    assert "52114" in a["answer"]
+    assert (b["answer"], b["token_ids"], b["stats"]["kept_chunks"]) == (a["answer"], a["token_ids"],
+                                                                        a["stats"]["kept_chunks"])
+
+
+@pytest.fixture(scope="module")
+def bundled_tokenizer(bundled_model_dir):
+    from parallelcomp_triton.loading import load_tokenizer
+
+    return load_tokenizer(bundled_model_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral"])
+def test_family_with_the_bundled_tokenizer_matches_transformers(family, bundled_tokenizer, essays_dir, tmp_path):
+    """A random checkpoint of each family made by transformers with the bundled tokenizer (its full 49,152-token
+    vocabulary) beside it: loaded through ParallelComp, logits on real text within 1e-4 of transformers'."""
+    path = save_tiny_family(tmp_path / family, family, tokenizer=bundled_tokenizer,
+                            vocab_size=len(bundled_tokenizer))
+    pc = ParallelComp.from_pretrained(path, dtype="float32")
+    text = pathlib.Path(essays_dir, "addiction.txt").read_text()[:2000]
+    ids = torch.tensor(pc.tokenizer(text)["input_ids"][:N_TOKENS])
+    assert len(ids) == N_TOKENS and pc.args.vocab_size == len(bundled_tokenizer)
+    with torch.no_grad():
+        ref = hf_model(path)(ids[None]).logits[0]
+    assert_logits_close(pc.model.logits(ids[None])[0], ref)
