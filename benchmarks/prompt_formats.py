@@ -12,6 +12,10 @@ instruction (as a CLI user asks), greedy. Documents that fit the trained window 
 - chat:       the tokenizer's chat template, its default system prompt
 - chat-sys:   the chat template with a system prompt that says what the task is
 - chat-instr: the chat template, the task said in the user turn before the document
+- chat-terse: the chat template with a system prompt asking for the answer alone, copied from the document
+
+Since 2026-12-04 the chat formats end in the assistant turn's {answer_start}: a cue question's trailing
+"The pass key is" starts the answer (prompt.split_answer_start); natural questions are unaffected.
 
 Writes every case to --out as it goes (JSON) and prints a table of accuracy per format, style, task and length.
 Never asserts.
@@ -26,13 +30,14 @@ import time
 
 SYSTEM = "You answer questions about the document the user gives you. Answer briefly, from the document."
 INSTRUCTION = "Answer the question about this document.\n\n"
-FORMATS = ("plain", "plain-qa", "chat", "chat-sys", "chat-instr")
+TERSE = "Answer with the exact words or number from the document, nothing else."
+FORMATS = ("plain", "plain-qa", "chat", "chat-sys", "chat-instr", "chat-terse")
 
 
 def format_config(tokenizer, name: str) -> dict:
     """ParallelCompConfig fields for format `name`."""
     def chat(messages):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + "{answer_start}"
 
     user = "{context}\n\n{question}"
     return {
@@ -41,6 +46,7 @@ def format_config(tokenizer, name: str) -> dict:
         "chat": dict(template="chat"),
         "chat-sys": dict(prompt=chat([{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}])),
         "chat-instr": dict(prompt=chat([{"role": "user", "content": INSTRUCTION + "{context}\n\nQuestion: {question}"}])),
+        "chat-terse": dict(prompt=chat([{"role": "system", "content": TERSE}, {"role": "user", "content": user}])),
     }[name]
 
 

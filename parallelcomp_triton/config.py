@@ -10,7 +10,8 @@ MODES = ("parallelcomp", "full", "truncate")
 REGIONS = ("sink", "recent", "middle", "all")
 GQA_REDUCES = ("max", "mean", "sum")
 SCORE_TOKENS = ("suffix", "question")
-TEMPLATES = ("plain", "chat")
+# auto: the chat template when the tokenizer has one, plain otherwise (prompt.template_name).
+TEMPLATES = ("auto", "plain", "chat")
 # Weight/activation precision; "auto" = bf16 where the hardware computes it natively (precision.py).
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 
@@ -60,7 +61,9 @@ class ParallelCompConfig:
     mode: str = "parallelcomp"
     # Prompt: the template holds {context} and {question}; what precedes {context} is the shared prefix
     # encoded once, what follows it (with the question filled in) is appended to every chunk.
-    template: str = "plain"
+    # "auto": the tokenizer's chat template when it has one (natural questions are answered with it on the
+    # bundled model, plain text ends the turn at once: BENCHMARKS.md, #15), plain text otherwise.
+    template: str = "auto"
     instruction: str = ""  # task text placed before the document, inside the shared prefix
     prompt: str | None = None  # a full template; overrides `template` and `instruction` when given
     # Chunking. 1024 document tokens per chunk: on the bundled 135M model, chunks far below its 8K window
@@ -84,6 +87,8 @@ class ParallelCompConfig:
     # 1024: replaying 29 accuracy cases at their kept chunks, 512 found 25, 768 and all 24 each
     # (BENCHMARKS.md, "KV budget B and chunk count K").
     kv_budget: int | None = 512
+    # w: the question's last w tokens (and any template text after them, such as a chat turn's end) score
+    # the keys that eviction keeps (prompt.score_rows).
     score_window: int = 8
     # Each key is ranked by the highest window score within pool_kernel // 2 positions of it, so the
     # neighbours of a peak are kept with it. 11, not SnapKV's 7: the scores peak on the words the question
@@ -109,6 +114,9 @@ class ParallelCompConfig:
         if self.prompt is not None and ("{context}" not in self.prompt or "{question}" not in self.prompt
                                         or self.prompt.index("{context}") > self.prompt.index("{question}")):
             raise ParallelCompError("prompt: must contain {context} followed later by {question}")
+        if self.prompt is not None and "{answer_start}" in self.prompt and (
+                self.prompt.index("{answer_start}") < self.prompt.index("{question}")):
+            raise ParallelCompError("prompt: {answer_start} must come after {question}")
         for name in ("keep_chunks", "batch_chunks", "score_window", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ParallelCompError(f"{name} = {getattr(self, name)}: must be >= 1")

@@ -47,42 +47,73 @@ def evaluate(pc, task: str, lengths, depths, config: ParallelCompConfig, questio
              log=None, instruction: str = "task") -> dict:
     """instruction: "task" puts the task's instruction before the document when `config` has none (how the
     grids up to 2026-12-03 ran); "none" leaves the prompt as a CLI user gets it."""
+    return evaluate_styles(pc, task, lengths, depths, config, [question], seed, log, instruction)[0]
+
+
+def evaluate_styles(pc, task: str, lengths, depths, config: ParallelCompConfig, questions, seed: int = 0,
+                    log=None, instruction: str = "task") -> list[dict]:
+    """`evaluate` for several question styles (or literal questions) on the same documents, one result per
+    style. With ParallelComp and more than one question each document is encoded once and every question
+    answered from the encoding (`ParallelComp.encode`): the same answers as fresh runs, by construction
+    (tests/test_encode.py), for little more than the cost of one."""
     make = TASKS[task]
-    rows = []
+    rows: dict[str, list] = {q: [] for q in questions}
     for n in lengths:
         for depth in depths:
-            case = make(pc.tokenizer, n, depth=depth, seed=seed, question=question)
-            t = time.perf_counter()
+            cases = {q: make(pc.tokenizer, n, depth=depth, seed=seed, question=q) for q in questions}
+            first = cases[questions[0]]
             cfg = config
             if instruction == "task" and not config.instruction:
-                cfg = dataclasses.replace(config, instruction=case.instruction)
-            res = pc.generate(case.context, case.question, config=cfg)
-            ok = case.answer in res.text
-            needle_chunk = _needle_chunk(pc.tokenizer, case, res.stats.get("chunk_spans") or [])
-            row = {"tokens": case.tokens, "target_tokens": n, "depth": depth, "answer": case.answer,
-                   "output": res.text, "correct": ok, "seconds": round(time.perf_counter() - t, 2),
-                   "chunks": len(res.stats.get("chunk_spans", [])), "kept_chunks": res.stats.get("kept_chunks"),
-                   # where each chunk ends (document tokens): a replay checks it is cutting the same chunks
-                   "chunk_ends": [e for _, e in res.stats.get("chunk_spans") or []],
-                   "needle_chunk": needle_chunk, "needle_kept": needle_chunk in (res.stats.get("kept_chunks") or []),
-                   "needle_rank": _nll_rank(res.stats.get("chunk_nll_all"), needle_chunk),
-                   "chunk_nll": res.stats.get("chunk_nll_all"),  # lets benchmarks/budget_replay.py vary K
-                   "kv_tokens_after": res.stats.get("kv_tokens_per_layer_after"),
-                   "kv_cache_bytes": res.stats.get("kv_cache_bytes"),
-                   "peak_memory_bytes": res.stats.get("peak_memory_bytes")}
-            rows.append(row)
-            if log:
-                kept = "" if needle_chunk is None else (f", needle chunk {'kept' if row['needle_kept'] else 'evicted'}"
-                                                        f" (NLL rank {row['needle_rank']})")
-                log(f"{task} {n:>7} depth {depth:.2f}: {'ok ' if ok else 'MISS'} {res.text.strip()[:40]!r} "
-                    f"({row['seconds']} s{kept})")
-    acc = {}
-    for n in lengths:
-        sel = [r for r in rows if r["target_tokens"] == n]
-        acc[str(n)] = sum(r["correct"] for r in sel) / len(sel)
+                cfg = dataclasses.replace(config, instruction=first.instruction)
+            source, encode_s = first.context, None
+            if len(questions) > 1 and cfg.mode == "parallelcomp" and cfg.chunk_tokens is not None:
+                t = time.perf_counter()
+                source = pc.encode(first.context, cfg)
+                encode_s = round(time.perf_counter() - t, 2)
+            try:
+                for q, case in cases.items():
+                    assert case.context == first.context, "question styles must share the document"
+                    t = time.perf_counter()
+                    res = pc.generate(source, case.question, config=cfg)
+                    row = _case_row(pc, case, n, depth, res, time.perf_counter() - t)
+                    if encode_s is not None:
+                        row["encode_seconds"] = encode_s
+                    rows[q].append(row)
+                    if log:
+                        kept = "" if row["needle_chunk"] is None else (
+                            f", needle chunk {'kept' if row['needle_kept'] else 'evicted'} (NLL rank {row['needle_rank']})")
+                        style = f"{q:<8} " if len(questions) > 1 else ""
+                        log(f"{task} {n:>7} depth {depth:.2f}: {style}{'ok ' if row['correct'] else 'MISS'} "
+                            f"{res.text.strip()[:60]!r} ({row['seconds']} s{kept})")
+            finally:
+                if encode_s is not None:
+                    source.close()
     dtype = str(pc.model.embed_tokens.weight.dtype).removeprefix("torch.")
-    return {"task": task, "question": question, "instruction": instruction, "dtype": dtype, "accuracy": acc,
-            "cases": rows}
+    results = []
+    for q in questions:
+        acc = {}
+        for n in lengths:
+            sel = [r for r in rows[q] if r["target_tokens"] == n]
+            acc[str(n)] = sum(r["correct"] for r in sel) / len(sel)
+        results.append({"task": task, "question": q, "instruction": instruction, "dtype": dtype, "accuracy": acc,
+                        "cases": rows[q]})
+    return results
+
+
+def _case_row(pc, case, n: int, depth: float, res, seconds: float) -> dict:
+    needle_chunk = _needle_chunk(pc.tokenizer, case, res.stats.get("chunk_spans") or [])
+    return {"tokens": case.tokens, "target_tokens": n, "depth": depth, "answer": case.answer,
+            "output": res.text, "correct": case.answer in res.text, "seconds": round(seconds, 2),
+            "template": res.stats.get("template"),
+            "chunks": len(res.stats.get("chunk_spans", [])), "kept_chunks": res.stats.get("kept_chunks"),
+            # where each chunk ends (document tokens): a replay checks it is cutting the same chunks
+            "chunk_ends": [e for _, e in res.stats.get("chunk_spans") or []],
+            "needle_chunk": needle_chunk, "needle_kept": needle_chunk in (res.stats.get("kept_chunks") or []),
+            "needle_rank": _nll_rank(res.stats.get("chunk_nll_all"), needle_chunk),
+            "chunk_nll": res.stats.get("chunk_nll_all"),  # lets benchmarks/budget_replay.py vary K
+            "kv_tokens_after": res.stats.get("kv_tokens_per_layer_after"),
+            "kv_cache_bytes": res.stats.get("kv_cache_bytes"),
+            "peak_memory_bytes": res.stats.get("peak_memory_bytes")}
 
 
 def format_table(*results: dict) -> str:
@@ -129,7 +160,8 @@ def main(argv=None) -> int:
                    help="document tokens per chunk, or 'max' (as many as the window allows)")
     p.add_argument("--batch-chunks", type=int, default=ParallelCompConfig.batch_chunks)
     p.add_argument("--calibrate", default=None)
-    p.add_argument("--max-new-tokens", type=int, default=12)
+    p.add_argument("--max-new-tokens", type=int, default=ParallelCompConfig.max_new_tokens,
+                   help="as the CLI (natural answers restate the question before the answer)")
     p.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto")
     p.add_argument("--seed", type=int, default=0)
@@ -164,9 +196,8 @@ def main(argv=None) -> int:
                                  calibration=Calibration.parse(args.calibrate) if args.calibrate else None)
         cfg.check()
         pc = ParallelComp.from_pretrained(args.model, dtype=args.dtype, backend=args.backend)
-        results = [evaluate(pc, args.task, lengths, depths, cfg, question=q, seed=args.seed,
-                            log=lambda s: print(s, file=sys.stderr, flush=True), instruction=args.instruction)
-                   for q in questions]
+        results = evaluate_styles(pc, args.task, lengths, depths, cfg, questions, seed=args.seed,
+                                  log=lambda s: print(s, file=sys.stderr, flush=True), instruction=args.instruction)
     except ParallelCompError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -222,7 +222,7 @@ def render_attention(pc, context: str, question: str, out_path: str, config=None
     stats = result.stats
     spans = [tuple(s) for s in stats["chunk_spans"]]
     kept_chunks = stats["kept_chunks"]
-    rows = max(1, min(cfg.score_window, stats["question_tokens"]))
+    rows = max(1, stats["score_rows"])
     num_heads = pc.args.num_heads
 
     figsize = figsize or (14.0, 2.6 * len(bands) + 0.9)

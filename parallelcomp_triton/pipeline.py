@@ -31,8 +31,8 @@ from .kernels.decode_attention import decode_attention
 from .score import ScoreItem, keep_best, nan_last, score_chunks
 from .loading import load_model, resolve_model_dir
 from .precision import resolve_dtype
-from .prompt import (PromptTokens, resolve_template, sentence_ends, snap_spans, split_even, tokenize_prompt,
-                     truncate_middle)
+from .prompt import (PromptTokens, resolve_template, score_rows, sentence_ends, snap_spans, split_even,
+                     template_name, tokenize_prompt, truncate_middle)
 
 
 @dataclass
@@ -194,7 +194,8 @@ class ParallelComp:
         if not isinstance(question, str) or not isinstance(context, (str, type(None), EncodedDocument)):
             raise ParallelCompError("the context and the question must be strings")
         dtype = str(self.model.embed_tokens.weight.dtype).removeprefix("torch.")
-        stats: dict = {"mode": cfg.mode, "dtype": dtype, "dtype_source": self.dtype_source}
+        stats: dict = {"mode": cfg.mode, "dtype": dtype, "dtype_source": self.dtype_source,
+                       "template": "prompt" if cfg.prompt is not None else template_name(self.tokenizer, cfg.template)}
         t0 = time.perf_counter()
         template = resolve_template(self.tokenizer, cfg.template, cfg.prompt, cfg.instruction)
         if encoded is not None:
@@ -216,6 +217,7 @@ class ParallelComp:
         room = window - fixed
         stats["document_tokens"] = len(toks.document)
         stats["prefix_tokens"], stats["question_tokens"] = len(toks.prefix), len(toks.suffix)
+        stats["score_rows"] = score_rows(toks, cfg.score_window)  # the suffix rows whose attention keeps KV
 
         if cfg.mode == "parallelcomp":
             chunk_tokens = cfg.chunk_tokens or room
@@ -418,7 +420,7 @@ class ParallelComp:
                         index=c, kv=kv, prefix_keys=doc.prefix_keys if doc.toks.prefix else [],
                         prefix_values=doc.prefix_values if doc.toks.prefix else [], suffix=suffix,
                         scored=doc.toks.question if cfg.score_tokens == "question" else (0, len(suffix)),
-                        window=min(cfg.score_window, len(suffix)) if need_scores else 0))
+                        window=score_rows(doc.toks, cfg.score_window) if need_scores else 0))
                 caches = score_chunks(self.model, items, budget, cfg.pool_kernel, cfg.gqa_reduce, self.backend,
                                       observer)
                 del items

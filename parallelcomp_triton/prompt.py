@@ -4,6 +4,11 @@ A template holds "{context}" and "{question}". The text before "{context}" is th
 tokens at the same positions in every chunk, so its KV is identical everywhere and is kept once. The text
 after it, with the question filled in, is the question suffix: appended to every chunk (to score the chunk
 and to select its KV) and re-encoded once over the merged cache.
+
+A template may also hold "{answer_start}" after "{question}" (the chat template puts it at the start of the
+assistant's turn): a question that ends in the start of its answer, "What is the pass key? The pass key is",
+is then asked as "What is the pass key?" and the answer begins "The pass key is". In a chat turn a trailing
+cue left in the user's message is not continued: the model starts its own reply (BENCHMARKS.md, #15).
 """
 from __future__ import annotations
 
@@ -14,20 +19,44 @@ from .errors import ParallelCompError
 
 PLAIN_TEMPLATE = "{context}\n\n{question}"
 _CHAT_USER = "{context}\n\n{question}"
+ANSWER_START = "{answer_start}"
+
+
+def template_name(tokenizer, template: str) -> str:
+    """'auto' resolved: the tokenizer's chat template where it has one (the bundled model answers natural
+    questions with it, BENCHMARKS.md #15), plain text otherwise."""
+    if template == "auto":
+        return "chat" if getattr(tokenizer, "chat_template", None) else "plain"
+    return template
 
 
 def resolve_template(tokenizer, template: str, prompt: str | None, instruction: str = "") -> str:
-    """The template text with {context} and {question}; `instruction` goes before the document."""
+    """The template text with {context} and {question} (and {answer_start} for chat); `instruction` goes
+    before the document."""
     if prompt is not None:
         return prompt
     # Braces in the instruction are literal text, not placeholders.
-    instruction = instruction.replace("{context}", "{ context }").replace("{question}", "{ question }")
+    for field in ("{context}", "{question}", ANSWER_START):
+        instruction = instruction.replace(field, "{ " + field[1:-1] + " }")
+    template = template_name(tokenizer, template)
     if template == "plain":
         return instruction + PLAIN_TEMPLATE
     if not getattr(tokenizer, "chat_template", None):
         raise ParallelCompError("template 'chat': the model's tokenizer has no chat template")
     return tokenizer.apply_chat_template([{"role": "user", "content": instruction + _CHAT_USER}], tokenize=False,
-                                         add_generation_prompt=True)
+                                         add_generation_prompt=True) + ANSWER_START
+
+
+def split_answer_start(question: str) -> tuple[str, str]:
+    """(the question, the start of its answer) for a question that ends in an unfinished sentence after its
+    last '?' ("What is the pass key? The pass key is" -> ("What is the pass key?", "The pass key is"));
+    (question, "") for any other."""
+    q = question.rstrip()
+    k = q.rfind("?")
+    tail = q[k + 1:].strip() if k >= 0 else ""
+    if not tail or tail[-1] in ".!?":
+        return question, ""
+    return q[:k + 1], tail
 
 
 @dataclass
@@ -44,7 +73,14 @@ def tokenize_prompt(tokenizer, template: str, context: str, question: str) -> Pr
         raise ParallelCompError("the document is empty")
     i = template.index("{context}")
     prefix_text = template[:i]
-    suffix_text = template[i + len("{context}"):].replace("{question}", question)
+    after = template[i + len("{context}"):]
+    q0 = after.find("{question}")
+    ask, start = split_answer_start(question) if ANSWER_START in after else (question, "")
+    suffix_text = after.replace("{question}", ask)
+    # The question's tokens run from the question to the end of the answer's start (the chat turn's
+    # markers between them included): both are the user's text, and chunk scoring reads them.
+    n = suffix_text.find(ANSWER_START) + len(start) - q0 if start and q0 >= 0 else len(ask)
+    suffix_text = suffix_text.replace(ANSWER_START, start)
     bos = tokenizer.bos_token
     # The tokenizer's own BOS, unless the template text already starts with it (chat templates often do).
     add_bos = bool(getattr(tokenizer, "add_bos_token", False)) and not (bos and prefix_text.startswith(bos))
@@ -52,13 +88,22 @@ def tokenize_prompt(tokenizer, template: str, context: str, question: str) -> Pr
     if add_bos and tokenizer.bos_token_id is not None:
         prefix = [tokenizer.bos_token_id] + prefix
     document = tokenizer.encode(context, add_special_tokens=False)
-    suffix, question_span = _encode_suffix(tokenizer, suffix_text,
-                                           template[i + len("{context}"):].find("{question}"), len(question))
+    suffix, question_span = _encode_suffix(tokenizer, suffix_text, q0, n)
     if not document:
         raise ParallelCompError("the document is empty after tokenization")
     if not suffix:
         raise ParallelCompError("the question suffix is empty: the template needs text after {context}")
     return PromptTokens(prefix, document, suffix, add_bos, question_span)
+
+
+def score_rows(toks: PromptTokens, window: int) -> int:
+    """How many of the suffix's last rows score the chunk's keys for KV eviction: the question's last `window`
+    tokens and any template text after them. A chat turn ends in markers ("<|im_end|>", "<|im_start|>assistant")
+    whose attention says little about the question: scored by them alone, NIAH answers kept only some of
+    their digits (BENCHMARKS.md, #15). With the question last (plain template) this is `window`; a question
+    whose answer's start opens the assistant's turn ends with that start."""
+    after = len(toks.suffix) - toks.question[1]
+    return min(len(toks.suffix), window + after)
 
 
 def _encode_suffix(tokenizer, text: str, q0: int, n: int) -> tuple[list[int], tuple[int, int]]:

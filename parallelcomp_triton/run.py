@@ -286,7 +286,8 @@ def _device(args) -> str:
 def _demo_job(pc, args) -> tuple[Job, str]:
     from .tasks import passkey_case
 
-    case = passkey_case(pc.tokenizer, args.demo_tokens, depth=0.6, seed=args.seed or 0)
+    # The question as a user types it (no answer cue, no task instruction): what the defaults are chosen for.
+    case = passkey_case(pc.tokenizer, args.demo_tokens, depth=0.6, seed=args.seed or 0, question="natural")
     return Job(1, context=case.context, question=(args.question or [case.question])[0]), case.answer
 
 
@@ -343,9 +344,9 @@ def answer_encoded(pc, jobs: list[Job], cfg, args) -> int:
     return 0
 
 
-def empty_answer_warning(cfg, where: str = "") -> str:
-    """The one stderr line for an answer that came out empty, with the likely fix for this config."""
-    if cfg.prompt is None and cfg.template == "plain":
+def empty_answer_warning(stats: dict, where: str = "") -> str:
+    """The one stderr line for an answer that came out empty, with the likely fix for the template used."""
+    if stats.get("template") == "plain":
         fix = "try --template chat, or end the question with the start of its answer (e.g. '... The pass key is')"
     else:
         fix = ("end the question with the start of its answer (e.g. '... The pass key is'), or keep more of the "
@@ -355,7 +356,7 @@ def empty_answer_warning(cfg, where: str = "") -> str:
 
 def _print_answer(res, args, expected, cfg, question=None, one_line=False, number=None) -> None:
     if res.stats.get("empty_answer"):
-        print(empty_answer_warning(cfg, f"question {number}: " if number is not None else ""), file=sys.stderr)
+        print(empty_answer_warning(res.stats, f"question {number}: " if number is not None else ""), file=sys.stderr)
     if args.json:
         out = {"answer": res.text, "token_ids": res.token_ids, "stats": res.stats}
         if question is not None:
@@ -385,8 +386,8 @@ def _jsonl_record(job: Job, result, args, source: str, cfg) -> dict:
         return record
     record["answer"] = result.text.strip()
     if result.stats.get("empty_answer"):
-        record["warning"] = empty_answer_warning(cfg).removeprefix("warning: ")
-        print(empty_answer_warning(cfg, f"{source}:{job.line}: "), file=sys.stderr)
+        record["warning"] = empty_answer_warning(result.stats).removeprefix("warning: ")
+        print(empty_answer_warning(result.stats, f"{source}:{job.line}: "), file=sys.stderr)
     if args.json:
         record["token_ids"] = result.token_ids
         record["stats"] = result.stats

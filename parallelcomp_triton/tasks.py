@@ -1,4 +1,10 @@
-"""Synthetic long-context retrieval cases: passkey (repeated filler) and a needle in real essays."""
+"""Synthetic long-context retrieval cases: passkey (repeated filler) and a needle in real essays.
+
+    python -m parallelcomp_triton.tasks passkey --tokens 32000 --depth 0.37 > doc.txt
+
+writes one case's document to stdout and its natural question and answer to stderr (a document to try the
+CLI on; the tokens are the bundled model's).
+"""
 from __future__ import annotations
 
 import importlib.util
@@ -79,3 +85,35 @@ def niah_case(tokenizer, tokens: int, depth: float = 0.5, seed: int = 0, questio
     text = tokenizer.decode(hay[:at] + needle + hay[at:])
     q = NIAH_QUESTIONS.get(question, question).format(city=city)
     return RetrievalCase(text, q, key, n + len(needle), depth, NIAH_INSTRUCTION)
+
+
+def main(argv=None) -> int:
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m parallelcomp_triton.tasks", description=__doc__.split("\n")[0])
+    p.add_argument("task", choices=("passkey", "niah"))
+    p.add_argument("--tokens", type=int, default=32000, help="document length in the bundled model's tokens")
+    p.add_argument("--depth", type=float, default=0.5, help="where the answer sits, 0 (start) to 1 (end)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.tokens < 100 or not 0 <= args.depth <= 1:
+        print("error: --tokens must be >= 100 and --depth in [0, 1]", file=sys.stderr)
+        return 2
+    try:
+        from .loading import load_tokenizer
+
+        tokenizer = load_tokenizer(None)
+        tokenizer.model_max_length = 1 << 62  # counting a long document's tokens is not running the model
+        make = passkey_case if args.task == "passkey" else niah_case
+        case = make(tokenizer, args.tokens, depth=args.depth, seed=args.seed, question="natural")
+    except ParallelCompError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    sys.stdout.write(case.context)
+    print(f"{case.tokens} tokens; question: {case.question!r}; answer: {case.answer}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

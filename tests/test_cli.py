@@ -80,6 +80,24 @@ def test_answer_and_json_on_bundled_model(doc, bundled_model_dir):
     assert "window" in one_error_line(proc.stderr.decode())
 
 
+@pytest.mark.slow
+def test_natural_question_beyond_the_window_with_cli_defaults(bundled_model_dir, essays_dir, tmp_path, capsys):
+    """The question as people type it, no answer cue, no instruction, every setting the CLI's default, on an
+    essay document past the model's 8K window with a needle in it (#15)."""
+    from parallelcomp_triton.loading import load_tokenizer
+    from parallelcomp_triton.tasks import niah_case
+
+    tokenizer = load_tokenizer(bundled_model_dir)
+    tokenizer.model_max_length = 1 << 62
+    case = niah_case(tokenizer, 10000, depth=0.5, question="natural")
+    assert case.question.endswith("mentioned in the text above?") and case.tokens > 8192
+    (tmp_path / "doc.txt").write_text(case.context)
+    assert main(["--input", str(tmp_path / "doc.txt"), "--question", case.question, "--json", "--no-progress"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert case.answer in out["answer"], out["answer"]
+    assert out["stats"]["template"] == "chat" and not out["stats"]["empty_answer"]
+
+
 @pytest.mark.parametrize("flags,ignore,score,pool", [
     ([], False, "question", 11), (["--ignore-eos", "--score-tokens", "suffix", "--pool-kernel", "7"], True, "suffix", 7)])
 def test_cli_flags_reach_the_config(doc, flags, ignore, score, pool):
@@ -97,7 +115,7 @@ def test_empty_answer_is_never_silent(doc, model_dir, capsys, monkeypatch, templ
     from parallelcomp_triton.pipeline import GenerationResult, ParallelComp
 
     monkeypatch.setattr(ParallelComp, "generate", lambda self, *a, **k: GenerationResult(
-        text=" \n", token_ids=[], stats={"empty_answer": True}))
+        text=" \n", token_ids=[], stats={"empty_answer": True, "template": template}))
     monkeypatch.setattr(ParallelComp, "from_pretrained", classmethod(lambda cls, *a, **k: cls.__new__(cls)))
     for extra in ([], ["--json"]):
         assert main(["--input", str(doc), "--question", "q", "--template", template, *extra]) == 0
@@ -114,6 +132,7 @@ def test_pipeline_reports_empty_answers(model_dir):
     pc = ParallelComp.from_pretrained(model_dir, dtype="float32")
     res = pc.generate("The pass key is 12. " * 5, "What is it?", config=ParallelCompConfig(max_new_tokens=3))
     assert res.stats["empty_answer"] == (not res.text.strip())
+    assert res.stats["template"] == "chat"  # the default, auto, on a tokenizer with a chat template
     eos = sorted(pc.eos_ids())[0]
     pc.model.lm_head.bias = torch.nn.Parameter(torch.zeros(pc.args.vocab_size))  # force EOS first
     pc.model.lm_head.bias.data[eos] = 1e4

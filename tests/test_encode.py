@@ -18,7 +18,7 @@ from _tiny_pipeline import tiny_pc
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
 # "Hm" is shorter than the score window (8): its chunks score with a window of its own length.
-QUESTIONS = ["Which word comes first?", "What is the last word in the text?", "Hm"]
+QUESTIONS = ["Which word comes first?", "What is the last word in the text?", "Hm", "Which word is last? It is"]
 
 
 def document(n_words: int, seed: int = 0) -> str:
@@ -32,13 +32,16 @@ CONFIGS = {
     "budget_chat_k2_b3": ParallelCompConfig(chunk_tokens=97, keep_chunks=2, kv_budget=16, batch_chunks=3,
                                             max_new_tokens=8, template="chat"),
     "no_budget_k3_b1": ParallelCompConfig(chunk_tokens=97, keep_chunks=3, kv_budget=None, batch_chunks=1,
-                                          max_new_tokens=8),
+                                          max_new_tokens=8, template="plain"),
     "calibration_k2_b3": ParallelCompConfig(chunk_tokens=80, keep_chunks=2, kv_budget=24, batch_chunks=3,
-                                            max_new_tokens=8, instruction="Read this.",
+                                            max_new_tokens=8, instruction="Read this.", template="plain",
                                             calibration=Calibration(region="sink", first_layer=1, last_layer=2,
                                                                     tau=0.02, rows=2, region_tokens=30)),
     "k1_b1_suffix": ParallelCompConfig(chunk_tokens=120, keep_chunks=1, kv_budget=12, batch_chunks=1,
-                                       max_new_tokens=8, score_tokens="suffix"),
+                                       max_new_tokens=8, score_tokens="suffix", template="plain"),
+    # the default template (chat here) with a cue question: the answer's start opens the assistant's turn
+    "auto_cue_k2_b2": ParallelCompConfig(chunk_tokens=97, keep_chunks=2, kv_budget=16, batch_chunks=2,
+                                         max_new_tokens=8),
 }
 
 
@@ -164,7 +167,9 @@ def test_refusals(pc, tmp_path):
         bf16.load_encoded(path)
     assert "float32" in one_line(e) and "bfloat16" in one_line(e)
     # Another template prefix, other chunking, another mode.
-    for changed, expect in (({"instruction": "Other task."}, "template prefix"), ({"template": "chat"}, "template prefix"),
+    other_template = "plain" if cfg.template != "plain" else "chat"
+    for changed, expect in (({"instruction": "Other task."}, "template prefix"),
+                            ({"template": other_template}, "template prefix"),
                             ({"chunk_tokens": 81}, "chunk_tokens"), ({"snap_to_sentences": False}, "snap_to_sentences"),
                             ({"window": 2000}, "window"), ({"mode": "full"}, "parallelcomp")):
         bad = ParallelCompConfig(**{**cfg.__dict__, **changed})

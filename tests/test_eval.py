@@ -99,6 +99,28 @@ def test_cli_both_question_styles_side_by_side_without_instruction(tmp_path, cap
     assert seen[0][0] == PASSKEY_QUESTIONS["cue"] and seen[0][1]
 
 
+@pytest.mark.parametrize("task", ["passkey", "niah"])
+def test_styles_from_one_encoding_equal_fresh_runs(pc, monkeypatch, task):
+    """Both question styles answered from one encoding of each document: the rows fresh runs give."""
+    from parallelcomp_triton.eval import evaluate_styles
+    from parallelcomp_triton.pipeline import ParallelComp
+
+    cfg = ParallelCompConfig(chunk_tokens=150, kv_budget=24, keep_chunks=2, max_new_tokens=3)
+    encodes = []
+    original = ParallelComp.encode
+    monkeypatch.setattr(ParallelComp, "encode", lambda self, *a, **k: encodes.append(1) or original(self, *a, **k))
+    both = evaluate_styles(pc, task, [700], [0.2, 0.7], cfg, ["natural", "cue"], instruction="none")
+    assert len(encodes) == 2  # once per document, not per question
+    for result in both:
+        fresh = evaluate(pc, task, [700], [0.2, 0.7], cfg, question=result["question"], instruction="none")
+        assert result["accuracy"] == fresh["accuracy"]
+        for a, b in zip(result["cases"], fresh["cases"], strict=True):
+            for key in ("output", "correct", "needle_chunk", "needle_rank", "kept_chunks", "chunk_nll",
+                        "kv_tokens_after", "template"):
+                assert a[key] == b[key], key
+    assert both[0]["cases"][0]["chunk_nll"] != both[1]["cases"][0]["chunk_nll"]  # two questions, two scores
+
+
 @pytest.mark.parametrize("args,expect", [
     (["passkey", "--question", "q?", "--question-style", "cue"], "not both"),
     (["passkey", "--lengths", "50"], "--lengths"),

@@ -51,7 +51,7 @@ def test_recorder_keeps_every_chunk_and_layer_and_scores_are_shares(pc):
     res = pc.generate(DOC, "What is the pass key?", config=cfg, observer=rec)
     spans = res.stats["chunk_spans"]
     assert set(rec.mass) == {(layer, c) for layer in range(4) for c in range(len(spans))}
-    rows = min(cfg.score_window, res.stats["question_tokens"])
+    rows = res.stats["score_rows"]  # the question's last w tokens and the chat turn's end after them
     for (layer, c), mass in rec.mass.items():
         assert mass.shape == (spans[c][1] - spans[c][0],) and np.isfinite(mass).all()
         # Mean over query heads of probabilities: each of the w rows gives the context at most 1.

@@ -175,7 +175,7 @@ def test_single_chunk_equals_plain_causal_greedy(pc):
     """One chunk, K = 1, no eviction: the question pass over the cache equals one causal pass over the
     whole prompt, so greedy tokens equal a naive greedy loop on the full prompt."""
     doc, question = document(60, seed=3), "Name a word."
-    cfg = ParallelCompConfig(keep_chunks=1, kv_budget=None, max_new_tokens=8)
+    cfg = ParallelCompConfig(keep_chunks=1, kv_budget=None, max_new_tokens=8, template="plain")
     res = pc.generate(doc, question, config=cfg)
     assert len(res.stats["chunk_spans"]) == 1
     ids = pc.tokenizer.encode(doc, add_special_tokens=False) + pc.tokenizer.encode("\n\n" + question,
@@ -188,7 +188,8 @@ def test_single_chunk_equals_plain_causal_greedy(pc):
             break
         out.append(nxt)
     assert res.token_ids == out
-    assert pc.generate(doc, question, config=ParallelCompConfig(mode="full", max_new_tokens=8)).token_ids == out
+    full = ParallelCompConfig(mode="full", max_new_tokens=8, template="plain")
+    assert pc.generate(doc, question, config=full).token_ids == out
 
 
 def test_full_and_truncate_modes(pc):
@@ -296,20 +297,73 @@ def test_generate_from_chunks_equals_the_run_that_kept_them(pc):
             pc.generate_from_chunks(doc, question, bad, config=cfg)
 
 
-@pytest.mark.parametrize("template", ["plain", "chat"])
-def test_question_span_from_offsets_and_from_counting(pc, template):
+@pytest.mark.parametrize("template,question,asked,answer_start", [
+    ("plain", "Which word comes first?", "Which word comes first?", ""),
+    ("plain", "Which word comes first? The first word is", "Which word comes first? The first word is", ""),
+    ("chat", "Which word comes first?", "Which word comes first?", ""),
+    # chat: a trailing cue starts the assistant's turn instead of ending the user's
+    ("chat", "Which word comes first? The first word is ", "Which word comes first?", "The first word is"),
+    ("auto", "Which word comes first? It is", "Which word comes first?", "It is"),
+])
+def test_question_span_from_offsets_and_from_counting(pc, template, question, asked, answer_start):
     from parallelcomp_triton.prompt import _encode_suffix, resolve_template, tokenize_prompt
 
-    question = "Which word comes first?"
     text = resolve_template(pc.tokenizer, template, None, "Read this.")
     toks = tokenize_prompt(pc.tokenizer, text, "alpha beta", question)
     a, b = toks.question
-    assert pc.tokenizer.decode(toks.suffix[a:b]) == question
+    suffix = pc.tokenizer.decode(toks.suffix)
+    # The question's tokens: the question, and (chat) the turn markers and the answer's start after it.
+    assert pc.tokenizer.decode(toks.suffix[a:b]).startswith(asked)
+    assert pc.tokenizer.decode(toks.suffix[a:b]).endswith(answer_start or asked)
+    assert suffix.endswith(("assistant\n" + answer_start) if template != "plain" else question)
 
     class Slow:  # the same tokenizer without offsets
         is_fast = False
         encode = staticmethod(pc.tokenizer.encode)
 
     after = text[text.index("{context}") + len("{context}"):]
-    suffix_text = after.replace("{question}", question)
-    assert _encode_suffix(Slow(), suffix_text, after.find("{question}"), len(question)) == (toks.suffix, (a, b))
+    suffix_text = after.replace("{question}", asked).replace("{answer_start}", answer_start)
+    q0 = after.find("{question}")
+    n = (suffix_text.rindex(answer_start) + len(answer_start) if answer_start else q0 + len(asked)) - q0
+    assert _encode_suffix(Slow(), suffix_text, q0, n) == (toks.suffix, (a, b))
+
+
+@pytest.mark.parametrize("template,question,after", [
+    ("plain", "Which word comes first?", 0),
+    ("chat", "Which word comes first? It is", 0),  # the answer's start ends the question's tokens
+    ("chat", "Which word comes first?", None),  # the turn's end and the assistant's start follow the question
+])
+def test_score_rows_are_the_questions_last_rows_and_what_follows(pc, monkeypatch, template, question, after):
+    from parallelcomp_triton.prompt import resolve_template, score_rows, tokenize_prompt
+
+    toks = tokenize_prompt(pc.tokenizer, resolve_template(pc.tokenizer, template, None), "alpha beta", question)
+    tail = len(toks.suffix) - toks.question[1]
+    assert tail == after if after is not None else tail > 0
+    assert score_rows(toks, 3) == 3 + tail and score_rows(toks, 1000) == len(toks.suffix)
+    # ... and those are the rows the pipeline scores keys with.
+    seen = []
+    original = pipeline_mod.score_chunks
+    monkeypatch.setattr(pipeline_mod, "score_chunks", lambda model, items, *a, **k: seen.extend(
+        it.window for it in items) or original(model, items, *a, **k))
+    cfg = ParallelCompConfig(chunk_tokens=60, kv_budget=8, score_window=3, template=template, max_new_tokens=1)
+    pc.generate("alpha beta gamma delta. " * 12, question, config=cfg)
+    assert seen and set(seen) == {3 + tail}
+
+
+@pytest.mark.parametrize("question,expect", [
+    ("What is the pass key? The pass key is", ("What is the pass key?", "The pass key is")),
+    ("What is the pass key?  ", ("What is the pass key?  ", "")),
+    ("Summarize the document", ("Summarize the document", "")),  # no question mark: an instruction
+    ("Who wrote it? Answer in one word.", ("Who wrote it? Answer in one word.", "")),  # a finished sentence
+    ("Why? Because", ("Why?", "Because")),
+])
+def test_split_answer_start(question, expect):
+    from parallelcomp_triton.prompt import split_answer_start
+
+    assert split_answer_start(question) == expect
+
+
+def test_answer_start_in_a_prompt_must_follow_the_question():
+    ParallelCompConfig(prompt="{context} {question} {answer_start}").check()
+    with pytest.raises(ParallelCompError, match="answer_start"):
+        ParallelCompConfig(prompt="{answer_start} {context} {question}").check()

@@ -72,7 +72,7 @@ def test_tokenizer_and_cli_answer_from_repo_root(bundled_model_dir, tmp_path):
     doc = tmp_path / "doc.txt"
     doc.write_text("The pass key is 31337. Remember it. " + "The grass is green. The sky is blue. " * 50)
     proc = python("-m", "parallelcomp_triton.run", "--input", str(doc), "--question",
-                  "What is the pass key? The pass key is", "--max-new-tokens", "6", "--no-progress")
+                  "What is the pass key?", "--max-new-tokens", "16", "--no-progress")
     assert proc.returncode == 0, proc.stderr
     assert "31337" in proc.stdout
 
