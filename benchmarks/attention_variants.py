@@ -18,14 +18,10 @@ import time
 import torch
 
 
-def median_time(fn, repeats: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[repeats // 2]
+from kernel_bench import make_timer  # benchmarks/ is on sys.path when this script runs
+
+# One warm-up call, median of 5 (the same timer as the kernel microbenchmarks).
+cpu_timer = make_timer(torch.device("cpu"), repeats=5, warmup=1)
 
 
 def sdpa(q, k, v):
@@ -87,7 +83,7 @@ def main() -> None:
     print("| variant | ms | GFLOP/s | max abs error vs float64 |")
     print("|---|---:|---:|---:|")
     for name, fn in variants:
-        t = median_time(fn)
+        t, _ = cpu_timer(fn)
         err = (fn().double() - ref).abs().max().item()
         print(f"| {name} | {t * 1e3:.1f} | {flops / t / 1e9:.1f} | {err:.1e} |")
 
