@@ -620,9 +620,94 @@ def _torch_window_scores_one(q_window, k, excluded, rows, seq_len_q, causal, sca
     return result
 
 
+def _torch_few_rows_batched(q, k, v, k_starts, k_lens, seq_len_q, causal, scale, window, out, lse, per_head):
+    """n = len(k_lens) sequences with the same few query rows Lq (<= _FEW_ROWS) and Lk_b >= Lq keys each
+    (no key mask): q [n*Lq, H, d] packed; sequence b's keys are k/v[k_starts[b]:k_starts[b] + k_lens[b]].
+    Writes out [n*Lq, H, d], lse [n*Lq, H] (or None) and the per-head window scores rows of each
+    sequence's keys in per_head [total_k, H] (or None), all from one fp32 softmax per block of sequences,
+    keys padded to the block's longest. This is the question-suffix scoring shape (a few rows over each
+    chunk's ~1K keys): one batched product replaces a masked SDPA call per sequence plus the window-score
+    recomputation, where per-call overhead, not arithmetic, dominated."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = k.shape[1]
+    group = num_heads // num_kv_heads
+    rows = group * seq_len_q
+    n = len(k_lens)
+    device = q.device
+    b0 = 0
+    while b0 < n:
+        # A block: as many sequences as keep [nb, H, Lq, max Lk] under the element budget.
+        b1, longest = b0 + 1, k_lens[b0]
+        while b1 < n and (b1 + 1 - b0) * num_heads * seq_len_q * max(longest, k_lens[b1]) <= _TORCH_BLOCK_ELEMENTS:
+            longest = max(longest, k_lens[b1])
+            b1 += 1
+        nb = b1 - b0
+        lens = torch.tensor(k_lens[b0:b1], device=device)
+        cols = torch.arange(longest, device=device)
+        valid = cols[None, :] < lens[:, None]                                        # [nb, Lk_max]
+        index = (torch.tensor(k_starts[b0:b1], device=device)[:, None] + cols[None, :]).masked_fill_(~valid, 0)
+        # KV head outermost and everything contiguous, so both products are plain bmm calls without hidden
+        # copies; the G query heads of a KV head share its keys without expanding K.
+        qb = (q[b0 * seq_len_q:b1 * seq_len_q].reshape(nb, seq_len_q, num_kv_heads, group, head_dim)
+              .permute(2, 0, 3, 1, 4).reshape(num_kv_heads, nb, rows, head_dim).float())
+        kb = k.transpose(0, 1)[:, index].float()                                     # [H_kv, nb, Lk_max, d]
+        # P @ V in the input precision (P rounded to it, fp32 accumulation), as FlashAttention-2 does:
+        # half the fp32 GEMM work; the logits, softmax, lse and window scores stay fp32.
+        vb = v.transpose(0, 1)[:, index]
+        s = torch.matmul(qb, kb.transpose(-1, -2)).mul_(scale).view(num_kv_heads, nb, group, seq_len_q, longest)
+        # Only the last columns can be hidden from some row (padding, causal diagonal); mask just those.
+        first = min(k_lens[b0:b1]) - (seq_len_q if causal else 0)
+        tail = cols[first:]
+        hidden = tail[None, None, :] >= lens[:, None, None]                          # [nb, 1 or Lq, tail]
+        if causal:
+            rows_i = torch.arange(seq_len_q, device=device)
+            hidden = hidden | (tail[None, None, :] > (lens[:, None, None] - seq_len_q + rows_i[None, :, None]))
+        s[..., first:].masked_fill_(hidden[None, :, None], float("-inf"))
+        m = s.amax(-1, keepdim=True)  # finite: every row sees key 0 since Lk_b >= Lq
+        p = s.sub_(m).exp_()
+        denom = p.sum(-1, keepdim=True)
+        p.div_(denom)
+        o = torch.matmul(p.view(num_kv_heads, nb, rows, longest).to(vb.dtype), vb)
+        out[b0 * seq_len_q:b1 * seq_len_q] = (o.view(num_kv_heads, nb, group, seq_len_q, head_dim)
+                                               .permute(1, 3, 0, 2, 4).reshape(nb * seq_len_q, num_heads, head_dim))
+        if lse is not None:
+            lse[b0 * seq_len_q:b1 * seq_len_q] = (m + denom.log())[..., 0].permute(1, 3, 0, 2).reshape(
+                nb * seq_len_q, num_heads)
+        if per_head is not None:
+            w = min(window, seq_len_q)
+            col_sums = p[:, :, :, seq_len_q - w:].sum(3).permute(1, 3, 0, 2).reshape(nb, longest, num_heads)
+            per_head[index[valid]] = col_sums[valid]
+        b0 = b1
+
+
+# Sequences with at most this many query rows (and at least as many keys) take the batched explicit path;
+# a run of them is cut where padding to the longest key length would waste more than this fraction.
+_FEW_ROWS = 64
+_PAD_WASTE = 0.25
+
+
+def _few_rows_runs(bounds_q, bounds_k, key_mask):
+    """Runs of consecutive sequences for _torch_few_rows_batched: [[sequence ids], ...], plus the ids of
+    the sequences left to the per-sequence path."""
+    runs, singles = [], []
+    for b in range(len(bounds_q) - 1):
+        seq_len_q, seq_len_k = bounds_q[b + 1] - bounds_q[b], bounds_k[b + 1] - bounds_k[b]
+        if key_mask is not None or not 0 < seq_len_q <= min(_FEW_ROWS, seq_len_k):
+            singles.append(b)
+            continue
+        if runs and runs[-1][-1] == b - 1 and bounds_q[b] - bounds_q[b - 1] == seq_len_q:
+            lens = [bounds_k[x + 1] - bounds_k[x] for x in runs[-1]] + [seq_len_k]
+            if max(lens) * (1 - _PAD_WASTE) <= min(lens):
+                runs[-1].append(b)
+                continue
+        runs.append([b])
+    return runs, singles
+
+
 def chunk_attention_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, *, sm_scale=None, causal=True, score_window=0,
                           score_reduce="sum", key_mask=None, return_lse=True):
-    """PyTorch path (any device; tuned for CPU): SDPA per sequence, fp32 window scores.
+    """PyTorch path (any device; tuned for CPU): SDPA per sequence, fp32 window scores; runs of sequences
+    with the same few-rows shape (a question suffix over each chunk) in one batched fp32 product.
     lse is None when return_lse=False."""
     bounds_q, bounds_k, _ = _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, score_window, score_reduce, key_mask)
     total_q, num_heads, head_dim = q.shape
@@ -631,7 +716,14 @@ def chunk_attention_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, *, sm_scale=None,
     out = _new_buffer((total_q, num_heads, head_dim), dtype=q.dtype, device=q.device)
     lse = _new_buffer((total_q, num_heads), dtype=torch.float32, device=q.device) if return_lse else None
     per_head = _new_buffer((total_k, num_heads), dtype=torch.float32, device=q.device) if score_window else None
-    for b in range(len(bounds_q) - 1):
+    runs, singles = _few_rows_runs(bounds_q, bounds_k, key_mask)
+    for run in runs:
+        q0, q1 = bounds_q[run[0]], bounds_q[run[-1] + 1]
+        _torch_few_rows_batched(q[q0:q1], k, v, [bounds_k[b] for b in run],
+                                [bounds_k[b + 1] - bounds_k[b] for b in run], (q1 - q0) // len(run),
+                                causal, scale, score_window, out[q0:q1], lse[q0:q1] if return_lse else None,
+                                per_head)
+    for b in singles:
         q0, q1, k0, k1 = bounds_q[b], bounds_q[b + 1], bounds_k[b], bounds_k[b + 1]
         seq_len_q, seq_len_k = q1 - q0, k1 - k0
         qs = q[q0:q1].transpose(0, 1)

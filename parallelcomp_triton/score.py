@@ -63,26 +63,29 @@ def score_chunks(model, items: list[ScoreItem], budget: int | None, pool_kernel:
         runs.append((i, j, cu_q, cu_k, [0] + list(accumulate(k_lens)), items[i].window))
         i = j
     ctx_lens = [it.kv.length for it in items]
-    ctx_cu = torch.tensor([0] + list(accumulate(ctx_lens)), dtype=torch.int32, device=device)
     kept_lens = [min(budget, n) for n in ctx_lens] if budget is not None else ctx_lens
     caches = [ChunkCache(index=it.index, context_len=it.kv.length, positions=[] if budget is not None else None)
               for it in items]
 
     def attend(layer, q, k, v):
-        outs, ctx_scores = [], []
+        outs, ctx_scores, packed = [], [], []
         for a, b, cu_q, cu_k, k_starts, window in runs:
+            # Packed [H_kv, sum Lk, d] (the stored layout, so the concatenation copies whole rows) and
+            # passed transposed: chunk_attention takes [total_k, H_kv, d] views of any strides.
             ks, vs = [], []
             for x in range(a, b):
                 it = items[x]
                 if it.prefix_keys:
-                    ks.append(it.prefix_keys[layer].transpose(0, 1))
-                    vs.append(it.prefix_values[layer].transpose(0, 1))
-                ks += [it.kv.keys[layer].transpose(0, 1), k[q_off[x]:q_off[x + 1]]]
-                vs += [it.kv.values[layer].transpose(0, 1), v[q_off[x]:q_off[x + 1]]]
-            out, _, scores = chunk_attention(q[q_off[a]:q_off[b]], torch.cat(ks), torch.cat(vs), cu_q, cu_k,
+                    ks.append(it.prefix_keys[layer])
+                    vs.append(it.prefix_values[layer])
+                ks += [it.kv.keys[layer], k[q_off[x]:q_off[x + 1]].transpose(0, 1)]
+                vs += [it.kv.values[layer], v[q_off[x]:q_off[x + 1]].transpose(0, 1)]
+            k_run, v_run = torch.cat(ks, dim=1).transpose(0, 1), torch.cat(vs, dim=1).transpose(0, 1)
+            out, _, scores = chunk_attention(q[q_off[a]:q_off[b]], k_run, v_run, cu_q, cu_k,
                                              causal=True, score_window=window, score_reduce=gqa_reduce,
                                              return_lse=False, backend=backend)
             outs.append(out)
+            packed.append((k_run, v_run, cu_k))
             if scores is not None:
                 for x in range(a, b):
                     start = k_starts[x - a] + items[x].prefix_len
@@ -95,32 +98,46 @@ def score_chunks(model, items: list[ScoreItem], budget: int | None, pool_kernel:
                 if observer is not None and ctx_scores:
                     observer.chunk_scores(layer, cache.index, ctx_scores[x], None)
             return out
+        ctx_cu = torch.tensor([0] + list(accumulate(ctx_lens)), dtype=torch.int32, device=device)
         keep_idx, _ = select_kv(torch.cat(ctx_scores), ctx_cu, budget, pool_kernel=pool_kernel, backend=backend)
-        k_ctx = torch.cat([it.kv.keys[layer].transpose(0, 1) for it in items])
-        v_ctx = torch.cat([it.kv.values[layer].transpose(0, 1) for it in items])
-        k_c, v_c = gather_kv(k_ctx, v_ctx, ctx_cu, keep_idx, backend=backend)
-        for x, cache in enumerate(caches):
-            n = kept_lens[x]
-            cache.keys.append(k_c[x, :, :n].contiguous())
-            cache.values.append(v_c[x, :, :n].contiguous())
-            cache.positions.append(keep_idx[x, :, :n])
-            if observer is not None:
-                observer.chunk_scores(layer, cache.index, ctx_scores[x], keep_idx[x, :, :n])
+        # Gather the kept keys from the packed run K/V the attention just read (no second copy of every
+        # chunk's K/V): positions in a packed sequence are the context positions shifted by the prefix.
+        for (a, b, *_), (k_run, v_run, cu_k) in zip(runs, packed):
+            keep_run = keep_idx[a:b]
+            shift = torch.tensor([items[x].prefix_len for x in range(a, b)], dtype=torch.int32, device=device)
+            k_c, v_c = gather_kv(k_run, v_run, cu_k, torch.where(keep_run >= 0, keep_run + shift[:, None, None],
+                                                                 keep_run), backend=backend)
+            for x in range(a, b):
+                n, cache = kept_lens[x], caches[x]
+                cache.keys.append(k_c[x - a, :, :n].contiguous())
+                cache.values.append(v_c[x - a, :, :n].contiguous())
+                cache.positions.append(keep_idx[x, :, :n])
+                if observer is not None:
+                    observer.chunk_scores(layer, cache.index, ctx_scores[x], keep_idx[x, :, :n])
         return out
 
-    # The final hidden states read: the suffix rows that predict the next suffix token (the chunk's last
-    # token, stored with its K/V, predicts the first), so the last layer projects and MLPs these alone.
-    rows = torch.tensor([r for x, m in enumerate(m_lens) for r in range(q_off[x], q_off[x] + m - 1)],
-                        dtype=torch.long, device=device)
-    hidden = model(ids, pos, attend, out_rows=rows)
-    parts, h = [], 0
-    for it, m in zip(items, m_lens):
-        parts += [it.kv.hidden[None].to(hidden.dtype), hidden[h:h + m - 1]]
-        h += m - 1
-    losses = F.cross_entropy(model.lm_head_rows(torch.cat(parts)), ids, reduction="none")
-    nll = torch.stack([part[a:b].mean() for part, (a, b) in zip(losses.split(m_lens), (it.scored for it in items))])
-    for cache, value in zip(caches, nll.tolist()):
-        cache.nll = value
+    # The NLL averages the scored suffix tokens only, so the final hidden states read are the rows that
+    # predict them (the chunk's last token, stored with its K/V, predicts suffix token 0); the last layer
+    # projects and MLPs these alone, and the LM head runs on these alone.
+    rows, targets, spans, h = [], [], [], 0
+    for x, it in enumerate(items):
+        a, b = it.scored
+        rows += [q_off[x] + t - 1 for t in range(max(a, 1), b)]
+        targets += [q_off[x] + t for t in range(a, b)]
+        spans.append((a, b))
+    hidden = model(ids, pos, attend, out_rows=torch.tensor(rows, dtype=torch.long, device=device))
+    parts = []
+    for it, (a, b) in zip(items, spans):
+        if a == 0 and b > 0:
+            parts.append(it.kv.hidden[None].to(hidden.dtype))
+        n = b - max(a, 1)
+        if n > 0:
+            parts.append(hidden[h:h + n])
+            h += n
+    losses = (F.cross_entropy(model.lm_head_rows(torch.cat(parts)), ids[targets], reduction="none")
+              if parts else torch.empty(0, device=device))
+    for cache, part in zip(caches, losses.split([max(0, b - a) for a, b in spans])):
+        cache.nll = part.mean().item() if part.numel() else float("nan")
     return caches
 
 

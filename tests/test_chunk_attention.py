@@ -30,6 +30,8 @@ LAYOUTS = {
     "square": [(1, 1), (7, 7), (64, 64), (257, 257)],
     "question": [(1, 64), (5, 113), (37, 257), (7, 7)],
     "ragged": [(113, 64), (9, 3), (1, 257), (64, 64)],
+    # Runs of equal shapes, as a question suffix over a batch of chunks (the torch path batches each run).
+    "suffixes": [(5, 113), (5, 120), (5, 100), (5, 60), (1, 9), (1, 9), (37, 257), (37, 250), (65, 70), (3, 3)],
 }
 HEADS = [(2, 2), (3, 1), (4, 1), (8, 1), (9, 3)]
 HEAD_DIMS = [64, 128]
@@ -223,7 +225,7 @@ def test_peaky_softmax(poisoned, backend):
     _assert_matches_reference(result, q, k, v, cu_q, cu_k, torch.float32, **kw)
 
 
-@pytest.mark.parametrize("layout", ["square", "question", "ragged"])
+@pytest.mark.parametrize("layout", ["square", "question", "ragged", "suffixes"])
 def test_torch_path_small_blocks_and_sdpa_fallback(poisoned, monkeypatch, layout):
     """The row / KV-head blocking and the public-SDPA fallback (no CPU flash op) give the same results."""
     monkeypatch.setattr(ca, "_TORCH_BLOCK_ELEMENTS", 3000)
