@@ -650,10 +650,11 @@ def _torch_few_rows_batched(q, k, v, k_starts, k_lens, seq_len_q, causal, scale,
         # copies; the G query heads of a KV head share its keys without expanding K.
         qb = (q[b0 * seq_len_q:b1 * seq_len_q].reshape(nb, seq_len_q, num_kv_heads, group, head_dim)
               .permute(2, 0, 3, 1, 4).reshape(num_kv_heads, nb, rows, head_dim).float())
-        kb = k.transpose(0, 1)[:, index].float()                                     # [H_kv, nb, Lk_max, d]
+        flat = index.reshape(-1)  # index_select: several times faster than advanced indexing on the CPU
+        kb = k.transpose(0, 1).index_select(1, flat).view(num_kv_heads, nb, longest, head_dim).float()
         # P @ V in the input precision (P rounded to it, fp32 accumulation), as FlashAttention-2 does:
         # half the fp32 GEMM work; the logits, softmax, lse and window scores stay fp32.
-        vb = v.transpose(0, 1)[:, index]
+        vb = v.transpose(0, 1).index_select(1, flat).view(num_kv_heads, nb, longest, head_dim)
         s = torch.matmul(qb, kb.transpose(-1, -2)).mul_(scale).view(num_kv_heads, nb, group, seq_len_q, longest)
         # Only the last columns can be hidden from some row (padding, causal diagonal); mask just those.
         first = min(k_lens[b0:b1]) - (seq_len_q if causal else 0)
