@@ -119,24 +119,22 @@ def score_chunks(model, items: list[ScoreItem], budget: int | None, pool_kernel:
     # The NLL averages the scored suffix tokens only, so the final hidden states read are the rows that
     # predict them (the chunk's last token, stored with its K/V, predicts suffix token 0); the last layer
     # projects and MLPs these alone, and the LM head runs on these alone.
-    rows, targets, spans, h = [], [], [], 0
+    rows, targets = [], []
     for x, it in enumerate(items):
         a, b = it.scored
         rows += [q_off[x] + t - 1 for t in range(max(a, 1), b)]
         targets += [q_off[x] + t for t in range(a, b)]
-        spans.append((a, b))
     hidden = model(ids, pos, attend, out_rows=torch.tensor(rows, dtype=torch.long, device=device))
-    parts = []
-    for it, (a, b) in zip(items, spans):
-        if a == 0 and b > 0:
+    parts, h = [], 0
+    for it in items:
+        a, b = it.scored
+        if a == 0 < b:
             parts.append(it.kv.hidden[None].to(hidden.dtype))
-        n = b - max(a, 1)
-        if n > 0:
-            parts.append(hidden[h:h + n])
-            h += n
-    losses = (F.cross_entropy(model.lm_head_rows(torch.cat(parts)), ids[targets], reduction="none")
-              if parts else torch.empty(0, device=device))
-    for cache, part in zip(caches, losses.split([max(0, b - a) for a, b in spans])):
+        n = max(0, b - max(a, 1))
+        parts.append(hidden[h:h + n])
+        h += n
+    losses = F.cross_entropy(model.lm_head_rows(torch.cat(parts)), ids[targets], reduction="none")
+    for cache, part in zip(caches, losses.split([max(0, b - a) for a, b in (it.scored for it in items)])):
         cache.nll = part.mean().item() if part.numel() else float("nan")
     return caches
 
