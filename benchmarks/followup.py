@@ -23,12 +23,35 @@ def rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def compare_paths(pc, encoded, question, cfg) -> dict:
+    """Median encoded-answer time with chunk_attention's batched few-row CPU path and without it."""
+    import importlib
+    import statistics
+
+    ca = importlib.import_module("parallelcomp_triton.kernels.chunk_attention")
+    few_rows = ca._FEW_ROWS
+    times, answers = {"few_rows_s": [], "sdpa_s": []}, set()
+    try:
+        for _ in range(3):
+            for key, limit in (("few_rows_s", few_rows), ("sdpa_s", 0)):
+                ca._FEW_ROWS = limit
+                t = time.perf_counter()
+                answers.add(tuple(pc.generate(encoded, question, config=cfg).token_ids))
+                times[key].append(time.perf_counter() - t)
+    finally:
+        ca._FEW_ROWS = few_rows
+    return {k: statistics.median(v) for k, v in times.items()} | {"same_answer": len(answers) == 1}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", default="32000")
     p.add_argument("--questions", type=int, default=2, help="follow-up questions per length (fresh and encoded)")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--out", default="results/followup.json")
+    p.add_argument("--paths", action="store_true",
+                   help="also time the encoded answer with chunk_attention's batched few-row CPU path and with "
+                        "it off (one SDPA call per chunk, as before 2026-12-04 10:00), alternating, 3 each")
     args = p.parse_args()
 
     from parallelcomp_triton import ParallelComp, ParallelCompConfig
@@ -68,6 +91,11 @@ def main() -> int:
                                          "rss_after_encoded_gib": rss_gib()})
                 print(f"{n:>7} {q[:40]!r}: fresh {fresh_s:.1f} s, encoded {encoded_s:.2f} s "
                       f"({fresh_s / encoded_s:.1f}x), same answer {again.token_ids == fresh.token_ids}",
+                      file=sys.stderr, flush=True)
+            if args.paths:
+                row["paths"] = compare_paths(pc, encoded, questions[0], cfg)
+                print(f"{n:>7} few-row path {row['paths']['few_rows_s']:.2f} s, per-chunk SDPA "
+                      f"{row['paths']['sdpa_s']:.2f} s (medians of 3, same answer {row['paths']['same_answer']})",
                       file=sys.stderr, flush=True)
             encoded.close()
             rows.append(row)
