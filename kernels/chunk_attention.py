@@ -708,8 +708,8 @@ def _few_rows_runs(bounds_q, bounds_k, key_mask):
 def chunk_attention_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, *, sm_scale=None, causal=True, score_window=0,
                           score_reduce="sum", key_mask=None, return_lse=True):
     """PyTorch path (any device; tuned for CPU): SDPA per sequence, fp32 window scores; runs of sequences
-    with the same few-rows shape (a question suffix over each chunk) in one batched fp32 product.
-    lse is None when return_lse=False."""
+    with the same few query rows (a question suffix over each chunk, the question pass) batched with fp32
+    logits (`_torch_few_rows_batched`). lse is None when return_lse=False."""
     bounds_q, bounds_k, _ = _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, score_window, score_reduce, key_mask)
     total_q, num_heads, head_dim = q.shape
     total_k, num_kv_heads, _ = k.shape
