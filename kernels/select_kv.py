@@ -298,14 +298,19 @@ def gather_kv_torch(k, v, cu_seqlens_k, keep, *, out=None):
         return k_out, v_out
     rows = (cu_seqlens_k[:-1].long()[:, None, None] + keep.long()).masked_fill_(~present, 0)
     heads = torch.arange(num_kv_heads, device=k.device)[None, :, None]
+    all_present = bool(present.all())  # the usual chunk fills every slot; short ones leave empty slots
     for src, dst in ((k, k_out), (v, v_out)):
-        # index_select over a flat [rows, d] view: several times faster than advanced indexing on the CPU.
-        if src.transpose(0, 1).is_contiguous():  # [H_kv, total_k, d] storage seen transposed
-            flat, index = src.transpose(0, 1).reshape(-1, src.shape[-1]), heads * src.shape[0] + rows
+        # index_select over a flat [rows, d] view, several times faster than advanced indexing on the CPU,
+        # where one exists without copying src; other strided views (a fused KV buffer) index directly.
+        if src.is_contiguous():
+            torch.index_select(src.view(-1, src.shape[-1]), 0, (rows * num_kv_heads + heads).reshape(-1),
+                               out=dst.view(-1, dst.shape[-1]))
+        elif src.transpose(0, 1).is_contiguous():  # [H_kv, total_k, d] storage seen transposed
+            torch.index_select(src.transpose(0, 1).reshape(-1, src.shape[-1]), 0,
+                               (heads * src.shape[0] + rows).reshape(-1), out=dst.view(-1, dst.shape[-1]))
         else:
-            flat, index = src.reshape(-1, src.shape[-1]), rows * num_kv_heads + heads
-        torch.index_select(flat, 0, index.reshape(-1), out=dst.view(-1, dst.shape[-1]))
-        if not bool(present.all()):  # short sequences leave empty slots: zero them (the usual chunk fills all)
+            dst.copy_(src[rows, heads])
+        if not all_present:
             dst.masked_fill_(~present[..., None], 0)
     return k_out, v_out
 

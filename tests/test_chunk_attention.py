@@ -30,7 +30,8 @@ LAYOUTS = {
     "square": [(1, 1), (7, 7), (64, 64), (257, 257)],
     "question": [(1, 64), (5, 113), (37, 257), (7, 7)],
     "ragged": [(113, 64), (9, 3), (1, 257), (64, 64)],
-    # Runs of equal shapes, as a question suffix over a batch of chunks (the torch path batches each run).
+    # A question suffix over a batch of chunks: runs of equal Lq with ragged Lk (the torch path batches
+    # each run, padding keys), cut where Lq changes; Lq > 64 and Lq == Lk at the end.
     "suffixes": [(5, 113), (5, 120), (5, 100), (5, 60), (1, 9), (1, 9), (37, 257), (37, 250), (65, 70), (3, 3)],
 }
 HEADS = [(2, 2), (3, 1), (4, 1), (8, 1), (9, 3)]

@@ -167,7 +167,7 @@ def test_select_kv_rejects_bad_input(kwargs, match):
 @pytest.mark.parametrize("dtype,head_dim,heads", [
     (torch.float32, 64, 1), (torch.float16, 128, 3), (torch.bfloat16, 64, 3), (torch.bfloat16, 128, 8),
 ])
-@pytest.mark.parametrize("layout", ["fused", "head_major"])
+@pytest.mark.parametrize("layout", ["contiguous", "fused", "head_major"])
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_gather_kv_exact(dtype, head_dim, heads, backend, layout):
     gen = torch.Generator().manual_seed(head_dim + heads)
@@ -179,6 +179,8 @@ def test_gather_kv_exact(dtype, head_dim, heads, backend, layout):
     if layout == "fused":  # K and V as strided views into one [total, 2 * H_kv, d] buffer (a fused projection)
         kv = torch.randn(total, 2 * heads, head_dim, generator=gen).to(dtype)
         k, v = kv[:, :heads], kv[:, heads:]
+    elif layout == "contiguous":
+        k, v = (torch.randn(total, heads, head_dim, generator=gen).to(dtype) for _ in range(2))
     else:  # [H_kv, total, d] storage seen as [total, H_kv, d] (how score_chunks packs stored chunk K/V)
         k, v = (torch.randn(heads, total, head_dim, generator=gen).to(dtype).transpose(0, 1) for _ in range(2))
     ref_k, ref_v = sk.gather_kv_reference(k, v, cu, keep)
