@@ -1,8 +1,10 @@
 import os
 
 # Both must be set before triton or numpy are imported: TRITON_INTERPRET is read when @triton.jit
-# runs (at import), and OpenBLAS threads fight the interpreter for the two cores.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# runs (at import), and OpenBLAS threads fight the interpreter for the two cores. With
+# PCT_TEST_DEVICE=cuda (tests/_device.py) the kernel tests compile the kernels for the GPU instead.
+if not os.environ.get("PCT_TEST_DEVICE", "cpu").startswith("cuda"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

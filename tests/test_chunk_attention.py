@@ -15,12 +15,13 @@ import zlib
 import pytest
 import torch
 
+from _device import DEVICE, ON_GPU
 from parallelcomp_triton.kernels._backend import triton_interpret_enabled
 
 # The package re-exports the function `chunk_attention`, which shadows the submodule attribute.
 ca = importlib.import_module("parallelcomp_triton.kernels.chunk_attention")
 
-TRITON_RUNS = triton_interpret_enabled()  # tensors here are CPU tensors
+TRITON_RUNS = triton_interpret_enabled() or ON_GPU
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not TRITON_RUNS, reason="needs TRITON_INTERPRET=1"))]
 PATHS = {"torch": ca.chunk_attention_torch, "triton": ca.chunk_attention_triton}
 
@@ -62,7 +63,8 @@ def _sweep():
 
 
 def _cu_seqlens(lengths):
-    return torch.tensor([0] + list(torch.tensor(lengths, dtype=torch.int64).cumsum(0)), dtype=torch.int32)
+    return torch.tensor([0] + list(torch.tensor(lengths, dtype=torch.int64).cumsum(0)), dtype=torch.int32,
+                        device=DEVICE)
 
 
 def _make_inputs(pairs, heads, head_dim, dtype, seed):
@@ -70,9 +72,9 @@ def _make_inputs(pairs, heads, head_dim, dtype, seed):
     gen = torch.Generator().manual_seed(seed)
     total_q = sum(lq for lq, _ in pairs)
     total_k = sum(lk for _, lk in pairs)
-    q = torch.randn(total_q, num_heads, head_dim, generator=gen).to(dtype)
-    k = torch.randn(total_k, num_kv_heads, head_dim, generator=gen).to(dtype)
-    v = torch.randn(total_k, num_kv_heads, head_dim, generator=gen).to(dtype)
+    q = torch.randn(total_q, num_heads, head_dim, generator=gen).to(dtype).to(DEVICE)
+    k = torch.randn(total_k, num_kv_heads, head_dim, generator=gen).to(dtype).to(DEVICE)
+    v = torch.randn(total_k, num_kv_heads, head_dim, generator=gen).to(dtype).to(DEVICE)
     return q, k, v, _cu_seqlens([lq for lq, _ in pairs]), _cu_seqlens([lk for _, lk in pairs])
 
 
@@ -135,7 +137,7 @@ def _key_mask_with_empty_rows(pairs, num_heads, seed):
     starts = _cu_seqlens([lk for _, lk in pairs]).tolist()
     mask[starts[1]:starts[2], num_heads - 1] = True
     mask[starts[-2]:starts[-2] + 8, 0] = True
-    return mask
+    return mask.to(DEVICE)
 
 
 KEY_MASK_CASES = [
@@ -186,7 +188,7 @@ def test_empty_sequences_and_rows(poisoned, backend):
     """Lq = 0, Lk = 0 and a head with every key excluded: zeros, -inf, zero scores, never NaN."""
     pairs = [(3, 0), (0, 5), (4, 4), (6, 2)]
     q, k, v, cu_q, cu_k = _make_inputs(pairs, (4, 2), 64, torch.float32, seed=11)
-    key_mask = torch.zeros(k.shape[0], 4, dtype=torch.bool)
+    key_mask = torch.zeros(k.shape[0], 4, dtype=torch.bool, device=DEVICE)
     key_mask[:, 1] = True
     kw = dict(causal=True, score_window=8, score_reduce="none", key_mask=key_mask)
     out, lse, scores = PATHS[backend](q, k, v, cu_q, cu_k, **kw)
@@ -204,10 +206,10 @@ def test_non_contiguous_views(poisoned, backend):
     num_heads, num_kv_heads, head_dim = 4, 2, 64
     total_q, total_k = sum(lq for lq, _ in pairs), sum(lk for _, lk in pairs)
     gen = torch.Generator().manual_seed(5)
-    q = torch.randn(total_q, num_heads + 3, head_dim, generator=gen).to(torch.bfloat16)[:, 1:num_heads + 1]
-    k = torch.randn(num_kv_heads, total_k, head_dim, generator=gen).to(torch.bfloat16).transpose(0, 1)
-    v = torch.randn(total_k, 2 * num_kv_heads, head_dim, generator=gen).to(torch.bfloat16)[:, num_kv_heads:]
-    key_mask = (torch.rand(num_heads, total_k, generator=gen) < 0.2).t()
+    q = torch.randn(total_q, num_heads + 3, head_dim, generator=gen).to(DEVICE, torch.bfloat16)[:, 1:num_heads + 1]
+    k = torch.randn(num_kv_heads, total_k, head_dim, generator=gen).to(DEVICE, torch.bfloat16).transpose(0, 1)
+    v = torch.randn(total_k, 2 * num_kv_heads, head_dim, generator=gen).to(DEVICE, torch.bfloat16)[:, num_kv_heads:]
+    key_mask = (torch.rand(num_heads, total_k, generator=gen) < 0.2).to(DEVICE).t()
     assert not any(t.is_contiguous() for t in (q, k, v, key_mask))
     cu_q, cu_k = _cu_seqlens([lq for lq, _ in pairs]), _cu_seqlens([lk for _, lk in pairs])
     kw = dict(causal=True, score_window=8, score_reduce="max", key_mask=key_mask, sm_scale=0.3)
@@ -238,6 +240,7 @@ def test_torch_path_small_blocks_and_sdpa_fallback(poisoned, monkeypatch, layout
                               torch.float32, **kw)
 
 
+@pytest.mark.skipif(ON_GPU, reason="checks the CPU dispatch")
 def test_dispatch_and_return_lse():
     q, k, v, cu_q, cu_k = _make_inputs([(4, 9)], (2, 1), 64, torch.float32, seed=1)
     out, lse, scores = ca.chunk_attention(q, k, v, cu_q, cu_k, return_lse=False)  # auto -> torch on CPU
@@ -252,6 +255,7 @@ def test_dispatch_and_return_lse():
 def _bad_calls():
     q, k, v, cu_q, cu_k = _make_inputs([(4, 9), (2, 2)], (4, 2), 64, torch.float32, seed=0)
     base = dict(q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    cu = lambda values: torch.tensor(values, dtype=torch.int32, device=DEVICE)  # noqa: E731
     return [
         ("q 2-D", dict(base, q=q[:, 0]), "3-D"),
         ("dtype", dict(base, q=q.double(), k=k.double(), v=v.double()), "not supported"),
@@ -260,9 +264,9 @@ def _bad_calls():
         ("group", dict(base, q=q[:, :3]), "multiple of KV heads"),
         ("k/v shape", dict(base, v=v[:, :1]), "shapes differ"),
         ("cu dtype", dict(base, cu_seqlens_q=cu_q.long()), "int32"),
-        ("cu total", dict(base, cu_seqlens_q=torch.tensor([0, 4, 5], dtype=torch.int32)), "rise from 0 to 6"),
-        ("cu falling", dict(base, cu_seqlens_k=torch.tensor([0, 12, 11], dtype=torch.int32)), "rise"),
-        ("cu count", dict(base, cu_seqlens_k=torch.tensor([0, 11], dtype=torch.int32)), "entries"),
+        ("cu total", dict(base, cu_seqlens_q=cu([0, 4, 5])), "rise from 0 to 6"),
+        ("cu falling", dict(base, cu_seqlens_k=cu([0, 12, 11])), "rise"),
+        ("cu count", dict(base, cu_seqlens_k=cu([0, 11])), "entries"),
         ("window", dict(base, score_window=-1), "score_window"),
         ("reduce", dict(base, score_window=8, score_reduce="median"), "score_reduce"),
         ("mask dtype", dict(base, key_mask=torch.zeros(11, 4)), "key_mask"),
@@ -285,8 +289,8 @@ def test_triton_rejects_odd_head_dim():
     with pytest.raises(ValueError, match="power-of-2 head dim"):
         ca.chunk_attention(q, k, v, cu_q, cu_k, backend="triton")
     # the torch path takes any head dim
-    _assert_matches_reference(ca.chunk_attention(q, k, v, cu_q, cu_k, score_window=4), q, k, v, cu_q, cu_k,
-                              torch.float32, score_window=4)
+    _assert_matches_reference(ca.chunk_attention(q, k, v, cu_q, cu_k, score_window=4, backend="torch"), q, k, v,
+                              cu_q, cu_k, torch.float32, score_window=4)
 
 
 def test_aot_compiles_for_sm80_and_sm90():

@@ -6,6 +6,7 @@ import importlib
 import pytest
 import torch
 
+from _device import DEVICE
 from parallelcomp_triton.errors import ParallelCompError
 from parallelcomp_triton.kernels._backend import triton_interpret_enabled
 
@@ -28,7 +29,8 @@ def _inputs(batch, num_kv_heads, group, capacity, head_dim, dtype, seed, with_ma
         key_mask[0, 0] = True  # a query head that sees nothing -> zeros
         key_mask[-1, -1, 1:] = True  # a query head that sees only key 0
         key_mask[0, 1, :200] = True  # whole leading key tiles hidden, later keys visible
-    return q, k, v, key_mask
+        key_mask = key_mask.to(DEVICE)
+    return q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), key_mask
 
 
 def _truncate_to_bf16(x):
@@ -36,6 +38,7 @@ def _truncate_to_bf16(x):
 
 
 def _check(q, k, v, cache_lens, key_mask, backend, sm_scale=None, **triton_kwargs):
+    cache_lens = cache_lens.to(q.device)
     ref64 = da.decode_attention_reference(q.double(), k.double(), v.double(), cache_lens, sm_scale=sm_scale,
                                           key_mask=key_mask)
     ref_same = da.decode_attention_reference(q, k, v, cache_lens, sm_scale=sm_scale, key_mask=key_mask)
@@ -99,9 +102,9 @@ def test_decode_attention_empty_and_overlong_cache(backend):
 def test_decode_attention_strided_inputs(backend):
     """q and the caches as views with unusual strides (a fused QKV buffer, a cache sliced on capacity)."""
     gen = torch.Generator().manual_seed(9)
-    qkv = torch.randn(2, 3 * 8, 64, generator=gen, dtype=torch.float32)
+    qkv = torch.randn(2, 3 * 8, 64, generator=gen, dtype=torch.float32).to(DEVICE)
     q = qkv[:, :8]
-    cache = torch.randn(2, 2, 2, 200, 64, generator=gen)
+    cache = torch.randn(2, 2, 2, 200, 64, generator=gen).to(DEVICE)
     k, v = cache[:, 0, :, :150], cache[:, 1, :, :150]
     _check(q, k, v, torch.tensor([150, 33], dtype=torch.int32), None, backend)
 

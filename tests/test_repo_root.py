@@ -6,6 +6,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -48,16 +49,48 @@ def test_import_kernels_gives_hugging_faces(how, where, tmp_path):
     assert pathlib.Path(proc.stdout.split()[1]).resolve() == OURS.resolve()
 
 
-def test_without_hugging_faces_kernels_import_fails_as_anywhere_else():
-    """With site-packages out of sys.path (so no `kernels` distribution), the repo root's folder must not
-    stand in for the missing package: the import fails as it would in any other directory."""
-    code = ("import sys; sys.path[:] = [p for p in sys.path if 'site-packages' not in p]\n"
-            "try:\n    import kernels\nexcept ModuleNotFoundError as e:\n    print('missing', e.name)\n"
-            "else:\n    print('imported', kernels.__file__)\n"
-            "print(sorted(m for m in sys.modules if m == 'kernels' or m.startswith('kernels.')))")
+# Hugging Face's package made absent inside the child process: PathFinder finds no `kernels` outside the
+# repository root, and no distribution metadata names one.
+WITHOUT_HF_KERNELS = textwrap.dedent("""
+    import importlib.machinery, importlib.metadata, os, sys
+    root = os.path.realpath(os.getcwd())
+    _find = importlib.machinery.PathFinder.find_spec.__func__
+    def find_spec(cls, name, path=None, target=None):
+        if name == "kernels" and all(os.path.realpath(p or os.curdir) != root for p in (path or sys.path)):
+            return None
+        return _find(cls, name, path, target)
+    importlib.machinery.PathFinder.find_spec = classmethod(find_spec)
+    _version = importlib.metadata.version
+    def version(name):
+        if name == "kernels":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return _version(name)
+    importlib.metadata.version = version
+""")
+
+
+def test_without_hugging_faces_kernels_the_folder_reads_as_not_installed():
+    """Without Hugging Face's package, `import kernels` in the repository root gives what a stray folder
+    without code gives anywhere (an empty namespace package: no __file__, nothing of ours in it), and
+    transformers, which imports any `kernels` it finds on sys.path without metadata, reads it as not
+    installed and imports. Raising ModuleNotFoundError there broke `from transformers import LlamaConfig`
+    (seen with transformers 5.17, which does not pull the package in, on a GPU image)."""
+    code = WITHOUT_HF_KERNELS + textwrap.dedent("""
+        import kernels
+        print(kernels.__file__, sorted(k for k in vars(kernels) if not k.startswith("__")))
+        try:
+            from kernels import get_kernel
+        except ImportError:
+            print("no get_kernel")
+        from transformers.utils.import_utils import is_kernels_available
+        from transformers import LlamaConfig
+        print(is_kernels_available(), LlamaConfig.__name__)
+        import parallelcomp_triton.kernels as ours
+        print(ours.chunk_attention.__name__)
+    """)
     proc = python("-c", code)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines() == ["missing kernels", "[]"]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines() == ["None []", "no get_kernel", "False LlamaConfig", "chunk_attention"]
 
 
 @needs_hf_kernels

@@ -7,6 +7,7 @@ import zlib
 import pytest
 import torch
 
+from _device import DEVICE
 from parallelcomp_triton.errors import ParallelCompError
 
 # The module, not the same-named function the package re-exports.
@@ -18,10 +19,14 @@ BUDGETS = [1, 5, 64, 300]
 
 
 def _cu(lens):
-    return torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32)
+    return torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32, device=DEVICE)
 
 
 def _scores(kind, total, heads, gen):
+    return _scores_cpu(kind, total, heads, gen).to(DEVICE)
+
+
+def _scores_cpu(kind, total, heads, gen):
     if kind == "random":
         return torch.randn(total, heads, generator=gen)
     if kind == "quantised":  # four values: ties everywhere, across pooling windows too
@@ -42,7 +47,8 @@ def _seed(*parts):
 
 
 def _poisoned_select_out(batch, heads, budget):
-    return (torch.full((batch, heads, budget), -7, dtype=torch.int32), torch.full((batch,), -7, dtype=torch.int32))
+    return (torch.full((batch, heads, budget), -7, dtype=torch.int32, device=DEVICE),
+            torch.full((batch,), -7, dtype=torch.int32, device=DEVICE))
 
 
 def _check_select(scores, cu, budget, pool, protect, backends=("triton", "torch"), **triton_kwargs):
@@ -65,7 +71,7 @@ def _check_select(scores, cu, budget, pool, protect, backends=("triton", "torch"
 
 
 def _protect(total, frac, gen):
-    return torch.rand(total, generator=gen) < frac
+    return (torch.rand(total, generator=gen) < frac).to(DEVICE)
 
 
 # Every score kind meets every budget; heads, pooling and protection rotate through their values.
@@ -119,7 +125,7 @@ def test_select_kv_all_protected_and_empty_sequence():
     gen = torch.Generator().manual_seed(4)
     cu = _cu([0, 9, 3])
     scores = _scores("random", 12, 2, gen)
-    keep, keep_lens = _check_select(scores, cu, 4, 7, torch.ones(12, dtype=torch.bool))
+    keep, keep_lens = _check_select(scores, cu, 4, 7, torch.ones(12, dtype=torch.bool, device=DEVICE))
     assert keep_lens.tolist() == [0, 4, 3]
     assert keep[0].eq(-1).all() and keep[1, 0].tolist() == [0, 1, 2, 3] and keep[2, 1].tolist() == [0, 1, 2, -1]
 
@@ -140,6 +146,7 @@ def test_select_kv_extreme_scores():
     values = torch.tensor([float("-inf"), float("inf"), -3.4e38, 3.4e38, 1e-45, -1e-45, 0.0, -0.0])
     scores = values[torch.arange(71) % 8].view(71, 1).repeat(1, 2).contiguous()
     scores[:, 1] = scores[:, 1].flip(0)
+    scores = scores.to(DEVICE)
     _check_select(scores, cu, 9, 1, None)
     _check_select(scores, cu, 9, 3, None)
 
@@ -177,14 +184,16 @@ def test_gather_kv_exact(dtype, head_dim, heads, backend, layout):
     scores = _scores("random", total, heads, gen)
     keep, keep_lens = sk.select_kv_reference(scores, cu, 100, pool_kernel=7)
     if layout == "fused":  # K and V as strided views into one [total, 2 * H_kv, d] buffer (a fused projection)
-        kv = torch.randn(total, 2 * heads, head_dim, generator=gen).to(dtype)
+        kv = torch.randn(total, 2 * heads, head_dim, generator=gen).to(DEVICE, dtype)
         k, v = kv[:, :heads], kv[:, heads:]
     elif layout == "contiguous":
-        k, v = (torch.randn(total, heads, head_dim, generator=gen).to(dtype) for _ in range(2))
+        k, v = (torch.randn(total, heads, head_dim, generator=gen).to(DEVICE, dtype) for _ in range(2))
     else:  # [H_kv, total, d] storage seen as [total, H_kv, d] (how score_chunks packs stored chunk K/V)
-        k, v = (torch.randn(heads, total, head_dim, generator=gen).to(dtype).transpose(0, 1) for _ in range(2))
+        k, v = (torch.randn(heads, total, head_dim, generator=gen).to(DEVICE, dtype).transpose(0, 1)
+                for _ in range(2))
     ref_k, ref_v = sk.gather_kv_reference(k, v, cu, keep)
-    out = tuple(torch.full((len(lens), heads, 100, head_dim), float("nan"), dtype=dtype) for _ in range(2))
+    out = tuple(torch.full((len(lens), heads, 100, head_dim), float("nan"), dtype=dtype, device=DEVICE)
+                for _ in range(2))
     k_c, v_c = sk.gather_kv(k, v, cu, keep, out=out, backend=backend)
     assert k_c.data_ptr() == out[0].data_ptr() and v_c.data_ptr() == out[1].data_ptr()
     assert torch.isfinite(k_c).all() and torch.isfinite(v_c).all()
