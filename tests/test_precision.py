@@ -77,3 +77,36 @@ def test_cli_json_reports_the_dtype(model_dir, tmp_path):
         if expected is None:
             expected = "bfloat16" if precision.cpu_bf16_features() else "float32"
         assert stats["dtype"] == expected
+
+
+@torch.no_grad()
+def test_decode_sized_bf16_calls_run_aten_gemv_and_restore_onednn():
+    """bf16 calls of one or two rows on the CPU run their linear layers with oneDNN off (ATen's GEMV, about
+    twice as fast there), larger calls with it on; the flag is restored after, also when the call raises;
+    a row's logits alone equal its logits inside a larger batch within bf16 rounding."""
+    from _tiny_pipeline import tiny_pc
+
+    model = tiny_pc(dtype=torch.bfloat16).model
+    seen = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_pre_hook(lambda _, args: seen.append((args[0].shape[0],
+                                                                          torch._C._get_mkldnn_enabled())))
+    attend = model.causal_attend
+    ids = torch.tensor([5, 9, 13, 2, 7])
+    for n in (1, 2, 5):
+        seen.clear()
+        hidden = model(ids[:n], torch.arange(n), attend(torch.tensor([0, n], dtype=torch.int32)))
+        logits = model.lm_head_rows(hidden[-1:] if n < 5 else hidden)
+        assert seen and all(enabled == (n > 2 or rows > 2) for rows, enabled in seen), (n, seen)
+        assert torch._C._get_mkldnn_enabled()
+    batch_row = model.lm_head_rows(model(ids, torch.arange(5), attend(torch.tensor([0, 5], dtype=torch.int32))))[:1]
+    alone = model.lm_head_rows(model(ids[:1], torch.arange(1), attend(torch.tensor([0, 1], dtype=torch.int32))))
+    torch.testing.assert_close(alone, batch_row, atol=0.05 * batch_row.abs().max().item(), rtol=0)
+
+    def broken(*_):
+        raise RuntimeError("attend failed")
+
+    with pytest.raises(RuntimeError, match="attend failed"):
+        model(ids[:1], torch.arange(1), broken)
+    assert torch._C._get_mkldnn_enabled()
