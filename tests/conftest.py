@@ -16,6 +16,10 @@ import pytest  # noqa: E402
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: real-model cases that take more than a few seconds")
+    from parallelcomp_triton.kernels._backend import triton_interpret_enabled
+
+    if os.environ.get("PCT_TEST_DEVICE", "cpu").startswith("cuda") and triton_interpret_enabled():
+        raise pytest.UsageError("PCT_TEST_DEVICE=cuda tests the kernels compiled for the GPU: unset TRITON_INTERPRET")
 
 
 @pytest.fixture(scope="module")
