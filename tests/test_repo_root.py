@@ -102,12 +102,17 @@ def test_tokenizer_and_cli_answer_from_repo_root(bundled_model_dir, tmp_path):
                         f"print(len(AutoTokenizer.from_pretrained({str(bundled_model_dir)!r})('pass key').input_ids))")
     assert proc.returncode == 0, proc.stderr
     assert int(proc.stdout) > 0
+    # The document .ci/run asks about. An earlier one ("The pass key is 31337. Remember it. ..." at the very
+    # start) left the model a near-tie after "The pass key is": float32 continues " the number 31337", bf16
+    # " 31337" or " a sequence of letters" depending on the GEMV kernel's summation order (both as close to
+    # float64 per product), which tested the model's luck, not the run from the repository root.
     doc = tmp_path / "doc.txt"
-    doc.write_text("The pass key is 31337. Remember it. " + "The grass is green. The sky is blue. " * 50)
+    doc.write_text("Notes from the meeting. The pass key is 73915. Remember it. "
+                   + "The grass is green. The sky is blue. " * 60)
     proc = python("-m", "parallelcomp_triton.run", "--input", str(doc), "--question",
                   "What is the pass key?", "--max-new-tokens", "16", "--no-progress")
     assert proc.returncode == 0, proc.stderr
-    assert "31337" in proc.stdout
+    assert "73915" in proc.stdout
 
 
 def test_no_other_module_named_kernels():
