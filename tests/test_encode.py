@@ -65,7 +65,8 @@ def assert_same(encoded, fresh, exact_nll=True):
         assert encoded.stats["chunk_nll_all"] == pytest.approx(fresh.stats["chunk_nll_all"], abs=1e-4)
     assert sorted(encoded.kept_positions) == sorted(fresh.kept_positions)
     for c in fresh.kept_positions:
-        assert all(torch.equal(a, b) for a, b in zip(encoded.kept_positions[c], fresh.kept_positions[c]))
+        # .cpu(): benchmarks/gpu_check.py compares a GPU run with a CPU one through this too
+        assert all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(encoded.kept_positions[c], fresh.kept_positions[c]))
     assert encoded.stats.get("calibration_masked_per_head") == fresh.stats.get("calibration_masked_per_head")
 
 
