@@ -649,13 +649,13 @@ def _torch_few_rows_batched(q, k, v, k_starts, k_lens, seq_len_q, causal, scale,
         # KV head outermost and everything contiguous, so both products are plain bmm calls without hidden
         # copies; the G query heads of a KV head share its keys without expanding K.
         qb = (q[b0 * seq_len_q:b1 * seq_len_q].reshape(nb, seq_len_q, num_kv_heads, group, head_dim)
-              .permute(2, 0, 3, 1, 4).reshape(num_kv_heads, nb, rows, head_dim).float())
+              .permute(2, 0, 3, 1, 4).reshape(num_kv_heads, nb, rows, head_dim).float() * scale)  # not in place: may be q
         flat = index.reshape(-1)  # index_select: several times faster than advanced indexing on the CPU
         kb = k.transpose(0, 1).index_select(1, flat).view(num_kv_heads, nb, longest, head_dim).float()
         # P @ V in the input precision (P rounded to it, fp32 accumulation), as FlashAttention-2 does:
         # half the fp32 GEMM work; the logits, softmax, lse and window scores stay fp32.
         vb = v.transpose(0, 1).index_select(1, flat).view(num_kv_heads, nb, longest, head_dim)
-        s = torch.matmul(qb, kb.transpose(-1, -2)).mul_(scale).view(num_kv_heads, nb, group, seq_len_q, longest)
+        s = torch.matmul(qb, kb.transpose(-1, -2)).view(num_kv_heads, nb, group, seq_len_q, longest)
         # Only the last columns can be hidden from some row (padding, causal diagonal); mask just those.
         first = min(k_lens[b0:b1]) - (seq_len_q if causal else 0)
         tail = cols[first:]
@@ -664,15 +664,16 @@ def _torch_few_rows_batched(q, k, v, k_starts, k_lens, seq_len_q, causal, scale,
             rows_i = torch.arange(seq_len_q, device=device)
             hidden = hidden | (tail[None, None, :] > (lens[:, None, None] - seq_len_q + rows_i[None, :, None]))
         s[..., first:].masked_fill_(hidden[None, :, None], float("-inf"))
-        m = s.amax(-1, keepdim=True)  # finite: every row sees key 0 since Lk_b >= Lq
-        p = s.sub_(m).exp_()
-        denom = p.sum(-1, keepdim=True)
-        p.div_(denom)
+        m = s.amax(-1) if lse is not None else None  # finite: every row sees key 0 since Lk_b >= Lq
+        # In place, one fused pass per row: ATen's softmax kernel (its vectorised exp) runs about twice as
+        # fast as amax, sub, exp, sum and div as separate passes over the block.
+        p = torch.ops.aten._softmax.out(s, -1, False, out=s)
         o = torch.matmul(p.view(num_kv_heads, nb, rows, longest).to(vb.dtype), vb)
         out[b0 * seq_len_q:b1 * seq_len_q] = (o.view(num_kv_heads, nb, group, seq_len_q, head_dim)
                                                .permute(1, 3, 0, 2, 4).reshape(nb * seq_len_q, num_heads, head_dim))
         if lse is not None:
-            lse[b0 * seq_len_q:b1 * seq_len_q] = (m + denom.log())[..., 0].permute(1, 3, 0, 2).reshape(
+            # p at the row's largest logit m is exp(m - lse) >= 1 / Lk: lse = m - log(max p), well conditioned.
+            lse[b0 * seq_len_q:b1 * seq_len_q] = (m - p.amax(-1).log()).permute(1, 3, 0, 2).reshape(
                 nb * seq_len_q, num_heads)
         if per_head is not None:
             w = min(window, seq_len_q)

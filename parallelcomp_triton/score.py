@@ -67,8 +67,10 @@ def score_chunks(model, items: list[ScoreItem], budget: int | None, pool_kernel:
     caches = [ChunkCache(index=it.index, context_len=it.kv.length, positions=[] if budget is not None else None)
               for it in items]
 
+    layer_scores = []  # per layer: the window scores over every item's own keys, [sum ctx_lens, H_kv]
+
     def attend(layer, q, k, v):
-        outs, ctx_scores, packed = [], [], []
+        outs, ctx_scores = [], []
         for a, b, cu_q, cu_k, k_starts, window in runs:
             # Packed [H_kv, sum Lk, d] (the stored layout, so the concatenation copies whole rows) and
             # passed transposed: chunk_attention takes [total_k, H_kv, d] views of any strides.
@@ -85,36 +87,19 @@ def score_chunks(model, items: list[ScoreItem], budget: int | None, pool_kernel:
                                              causal=True, score_window=window, score_reduce=gqa_reduce,
                                              return_lse=False, backend=backend)
             outs.append(out)
-            packed.append((k_run, v_run, cu_k))
             if scores is not None:
                 for x in range(a, b):
                     start = k_starts[x - a] + items[x].prefix_len
                     ctx_scores.append(scores[start:start + ctx_lens[x]])
-        out = outs[0] if len(outs) == 1 else torch.cat(outs)
         if budget is None:
             for x, (cache, it) in enumerate(zip(caches, items)):
                 cache.keys.append(it.kv.keys[layer])
                 cache.values.append(it.kv.values[layer])
                 if observer is not None and ctx_scores:
                     observer.chunk_scores(layer, cache.index, ctx_scores[x], None)
-            return out
-        ctx_cu = torch.tensor([0] + list(accumulate(ctx_lens)), dtype=torch.int32, device=device)
-        keep_idx, _ = select_kv(torch.cat(ctx_scores), ctx_cu, budget, pool_kernel=pool_kernel, backend=backend)
-        # Gather the kept keys from the packed run K/V the attention just read (no second copy of every
-        # chunk's K/V): positions in a packed sequence are the context positions shifted by the prefix.
-        for (a, b, *_), (k_run, v_run, cu_k) in zip(runs, packed):
-            keep_run = keep_idx[a:b]
-            shift = torch.tensor([items[x].prefix_len for x in range(a, b)], dtype=torch.int32, device=device)
-            k_c, v_c = gather_kv(k_run, v_run, cu_k, torch.where(keep_run >= 0, keep_run + shift[:, None, None],
-                                                                 keep_run), backend=backend)
-            for x in range(a, b):
-                n, cache = kept_lens[x], caches[x]
-                cache.keys.append(k_c[x - a, :, :n].contiguous())
-                cache.values.append(v_c[x - a, :, :n].contiguous())
-                cache.positions.append(keep_idx[x, :, :n])
-                if observer is not None:
-                    observer.chunk_scores(layer, cache.index, ctx_scores[x], keep_idx[x, :, :n])
-        return out
+        else:
+            layer_scores.append(torch.cat(ctx_scores))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     # The NLL averages the scored suffix tokens only, so the final hidden states read are the rows that
     # predict them (the chunk's last token, stored with its K/V, predicts suffix token 0); the last layer
@@ -125,6 +110,8 @@ def score_chunks(model, items: list[ScoreItem], budget: int | None, pool_kernel:
         rows += [q_off[x] + t - 1 for t in range(max(a, 1), b)]
         targets += [q_off[x] + t for t in range(a, b)]
     hidden = model(ids, pos, attend, out_rows=torch.tensor(rows, dtype=torch.long, device=device))
+    if budget is not None:
+        _compress(items, caches, layer_scores, ctx_lens, kept_lens, budget, pool_kernel, backend, observer)
     parts, h = [], 0
     for it in items:
         a, b = it.scored
@@ -137,6 +124,31 @@ def score_chunks(model, items: list[ScoreItem], budget: int | None, pool_kernel:
     for cache, part in zip(caches, losses.split([max(0, b - a) for a, b in (it.scored for it in items)])):
         cache.nll = part.mean().item() if part.numel() else float("nan")
     return caches
+
+
+def _compress(items, caches, layer_scores, ctx_lens, kept_lens, budget, pool_kernel, backend, observer) -> None:
+    """KV eviction for every layer and item at once: one select_kv over all (layer, item) window scores
+    (per-call overhead, not arithmetic, dominates it at a chunk's size), then each item's kept K/V
+    gathered from its own full K/V, in layer order."""
+    layers, num_items = len(layer_scores), len(items)
+    device = layer_scores[0].device
+    ctx_cu = torch.tensor([0] + list(accumulate(ctx_lens * layers)), dtype=torch.int32, device=device)
+    keep_idx, _ = select_kv(torch.cat(layer_scores), ctx_cu, budget, pool_kernel=pool_kernel, backend=backend)
+    keep_idx = keep_idx.view(layers, num_items, *keep_idx.shape[1:])
+    item_cu = [torch.tensor([0, n], dtype=torch.int32, device=device) for n in ctx_lens]
+    for layer in range(layers):
+        start = 0
+        for x, (cache, it) in enumerate(zip(caches, items)):
+            n, keep = kept_lens[x], keep_idx[layer, x:x + 1]
+            k_c, v_c = gather_kv(it.kv.keys[layer].transpose(0, 1), it.kv.values[layer].transpose(0, 1), item_cu[x],
+                                 keep, backend=backend)
+            cache.keys.append(k_c[0, :, :n].contiguous())
+            cache.values.append(v_c[0, :, :n].contiguous())
+            cache.positions.append(keep[0, :, :n])
+            if observer is not None:
+                observer.chunk_scores(layer, cache.index, layer_scores[layer][start:start + ctx_lens[x]],
+                                      keep[0, :, :n])
+            start += ctx_lens[x]
 
 
 def keep_best(kept: list[ChunkCache], new: list[ChunkCache], keep: int) -> list[ChunkCache]:
