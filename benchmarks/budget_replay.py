@@ -44,7 +44,8 @@ def main() -> int:
                 cfg = dataclasses.replace(chunking, kv_budget=budget, keep_chunks=keep)
                 t = time.perf_counter()
                 res = pc.generate_from_chunks(case.context, case.question, kept, config=cfg)
-                row = {"task": result["task"], "tokens": case_row["target_tokens"], "depth": case_row["depth"],
+                row = {"task": result["task"], "question": result.get("question", "cue"),
+                       "tokens": case_row["target_tokens"], "depth": case_row["depth"],
                        "kv_budget": budget, "keep_chunks": keep, "kept_chunks": kept,
                        "needle_kept": case_row.get("needle_chunk") in kept, "answer": case.answer, "output": res.text,
                        "correct": case.answer in res.text, "original_correct": case_row["correct"],
@@ -52,7 +53,7 @@ def main() -> int:
                        "kv_tokens_after": res.stats["kv_tokens_per_layer_after"],
                        "seconds": round(time.perf_counter() - t, 2)}
                 rows.append(row)
-                print(f"{row['task']} {row['tokens']:>7} depth {row['depth']:.2f} K={keep} B={budget}: "
+                print(f"{row['task']} {row['question']:<8} {row['tokens']:>7} depth {row['depth']:.2f} K={keep} B={budget}: "
                       f"{'ok ' if row['correct'] else 'MISS'} {res.text.strip()[:30]!r} (was "
                       f"{'ok' if row['original_correct'] else 'MISS'} at K={chunking.keep_chunks} B={row['original_kv_budget']})",
                       file=sys.stderr, flush=True)
@@ -62,18 +63,19 @@ def main() -> int:
     except ChunkingChanged as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print("| task | tokens | K | B | found (replayed) | needle chunk kept | merged KV tokens per layer |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for key in dict.fromkeys((r["task"], r["tokens"], r["keep_chunks"], r["kv_budget"]) for r in rows):
-        sel = [r for r in rows if (r["task"], r["tokens"], r["keep_chunks"], r["kv_budget"]) == key]
-        print(f"| {key[0]} | {key[1]} | {key[2]} | {key[3] if key[3] is not None else 'all'} | "
+    print("| task | question | tokens | K | B | found (replayed) | needle chunk kept | merged KV tokens per layer |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for key in dict.fromkeys((r["task"], r["question"], r["tokens"], r["keep_chunks"], r["kv_budget"]) for r in rows):
+        sel = [r for r in rows if (r["task"], r["question"], r["tokens"], r["keep_chunks"], r["kv_budget"]) == key]
+        print(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {key[4] if key[4] is not None else 'all'} | "
               f"{sum(r['correct'] for r in sel)}/{len(sel)} | {sum(r['needle_kept'] for r in sel)}/{len(sel)} | "
               f"{max(r['kv_tokens_after'] for r in sel)} |")
     return 0
 
 
 # The run's settings a replay keeps: those that decide the chunks and how a kept chunk is encoded.
-RUN_SETTINGS = ("chunk_tokens", "snap_to_sentences", "keep_chunks", "max_new_tokens", "score_window", "gqa_reduce")
+RUN_SETTINGS = ("chunk_tokens", "snap_to_sentences", "keep_chunks", "max_new_tokens", "score_window", "gqa_reduce",
+                "template")
 
 
 class ChunkingChanged(Exception):
@@ -88,16 +90,18 @@ def run_cases(pc, paths, settings=RUN_SETTINGS):
     from parallelcomp_triton import ParallelCompConfig
     from parallelcomp_triton.eval import TASKS, _needle_chunk
 
-    for path in paths:
-        result = json.load(open(path))
-        base = ParallelCompConfig(**{k: v for k, v in result["config"].items() if k in settings})
+    for path, result in ((p, r) for p in paths for r in _results(json.load(open(p)))):
+        # Runs from before the template option used plain text.
+        base = ParallelCompConfig(**{"template": "plain", **{k: v for k, v in result["config"].items() if k in settings}})
         for case_row in result["cases"]:
             if not case_row.get("kept_chunks"):
                 continue
             case = TASKS[result["task"]](pc.tokenizer, case_row["target_tokens"], depth=case_row["depth"],
                                          question=result.get("question", "cue"))
             assert case.answer == case_row["answer"], "the case generator changed since the run"
-            cfg = dataclasses.replace(base, instruction=case.instruction)
+            # `eval --instruction none` (the prompt a CLI user gets) records it; earlier runs had the task's.
+            none = result.get("instruction") == "none"
+            cfg = base if none else dataclasses.replace(base, instruction=case.instruction)
             spans = pc.prepare(cfg, case.context, case.question).spans
             same = ([e for _, e in spans] == case_row["chunk_ends"] if "chunk_ends" in case_row else
                     len(spans) == case_row["chunks"] and
@@ -106,6 +110,11 @@ def run_cases(pc, paths, settings=RUN_SETTINGS):
                 raise ChunkingChanged(f"{path}: the chunking changed since the run (depth {case_row['depth']}); "
                                       "replay it with the code that made it")
             yield path, result, case_row, case, cfg
+
+
+def _results(data: dict) -> list[dict]:
+    """The results in an eval JSON: one, or one per question style (`--question-style both`)."""
+    return [data] if "cases" in data else list(data.values())
 
 
 def chunks_kept(case_row: dict, keep: int, run_keep: int) -> list[int] | None:

@@ -75,12 +75,13 @@ def main() -> int:
                 current["window"] = windows[v]
                 t = time.perf_counter()
                 res = pc.generate_from_chunks(case.context, case.question, case_row["kept_chunks"], config=cfg)
-                row = {"task": result["task"], "tokens": case_row["target_tokens"], "depth": case_row["depth"],
+                row = {"task": result["task"], "question": result.get("question", "cue"),
+                       "tokens": case_row["target_tokens"], "depth": case_row["depth"],
                        "variant": v, "answer": case.answer, "output": res.text, "correct": case.answer in res.text,
                        "run_correct": case_row["correct"], "run_pool_kernel": result["config"].get("pool_kernel"),
                        "seconds": round(time.perf_counter() - t, 2)}
                 rows.append(row)
-                print(f"{row['task']} {row['tokens']:>7} depth {row['depth']:.2f} {v:>9}: "
+                print(f"{row['task']} {row['question']:<8} {row['tokens']:>7} depth {row['depth']:.2f} {v:>9}: "
                       f"{'ok ' if row['correct'] else 'MISS'} {res.text.strip()[:30]!r} "
                       f"(run {'ok' if row['run_correct'] else 'MISS'})", file=sys.stderr, flush=True)
                 os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
@@ -89,14 +90,14 @@ def main() -> int:
     except ChunkingChanged as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print("| task | tokens | " + " | ".join(variants) + " |")
-    print("|---|---:|" + "---:|" * len(variants))
-    for key in dict.fromkeys((r["task"], r["tokens"]) for r in rows):
+    print("| task | question | tokens | " + " | ".join(variants) + " |")
+    print("|---|---|---:|" + "---:|" * len(variants))
+    for key in dict.fromkeys((r["task"], r["question"], r["tokens"]) for r in rows):
         cells = []
         for v in variants:
-            sel = [r for r in rows if (r["task"], r["tokens"], r["variant"]) == (*key, v)]
+            sel = [r for r in rows if (r["task"], r["question"], r["tokens"], r["variant"]) == (*key, v)]
             cells.append(f"{sum(r['correct'] for r in sel)}/{len(sel)}")
-        print(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
+        print(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + " |")
     return 0
 
 

@@ -197,10 +197,24 @@ def test_budget_replay_reproduces_the_run_at_its_own_budget(tmp_path, capsys, mo
         assert same["output"] == case["output"] and same["kv_tokens_after"] == case["kv_tokens_after"]
         assert full["kv_tokens_after"] > same["kv_tokens_after"]
         assert k1["kept_chunks"] == case_k1["kept_chunks"] and k1["output"] == case_k1["output"]
-    assert "| passkey | 1500 | 1 | all |" in capsys.readouterr().out
+    assert "| passkey | cue | 1500 | 1 | all |" in capsys.readouterr().out
+
     # A run whose chunks were cut elsewhere (older code, other settings) is refused, not silently replayed.
     moved = json.loads(src.read_text())
     moved["cases"][0]["chunk_ends"][0] -= 1
     src.write_text(json.dumps(moved))
     assert replay.main() == 2
     assert "the chunking changed since the run" in capsys.readouterr().err
+
+    # A grid of both question styles without the task instruction (`eval --question-style both
+    # --instruction none`, one JSON holding a result per style) replays each style's own prompt.
+    from parallelcomp_triton.eval import evaluate_styles
+
+    styles = evaluate_styles(pc, "niah", [900], [0.4], cfg, ["natural", "cue"], instruction="none")
+    both = tmp_path / "styles.json"
+    both.write_text(json.dumps({r["question"]: dict(r, config=dataclasses.asdict(cfg)) for r in styles}))
+    monkeypatch.setattr(sys, "argv", ["budget_replay.py", str(both), "--budgets", "16", "--out", str(out)])
+    assert replay.main() == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["question"], r["output"]) for r in rows] == [(r["question"], r["cases"][0]["output"]) for r in styles]
+    assert "| niah | natural | 900 | 2 | 16 |" in capsys.readouterr().out
