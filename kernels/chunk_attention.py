@@ -648,8 +648,9 @@ def _torch_few_rows_batched(q, k, v, k_starts, k_lens, seq_len_q, causal, scale,
         index = (torch.tensor(k_starts[b0:b1], device=device)[:, None] + cols[None, :]).masked_fill_(~valid, 0)
         # KV head outermost and everything contiguous, so both products are plain bmm calls without hidden
         # copies; the G query heads of a KV head share its keys without expanding K.
+        # The scale folded into q (exact for head dim 64), not in place: in fp32 the reshapes may be q itself.
         qb = (q[b0 * seq_len_q:b1 * seq_len_q].reshape(nb, seq_len_q, num_kv_heads, group, head_dim)
-              .permute(2, 0, 3, 1, 4).reshape(num_kv_heads, nb, rows, head_dim).float() * scale)  # not in place: may be q
+              .permute(2, 0, 3, 1, 4).reshape(num_kv_heads, nb, rows, head_dim).float() * scale)
         flat = index.reshape(-1)  # index_select: several times faster than advanced indexing on the CPU
         kb = k.transpose(0, 1).index_select(1, flat).view(num_kv_heads, nb, longest, head_dim).float()
         # P @ V in the input precision (P rounded to it, fp32 accumulation), as FlashAttention-2 does:
