@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import inspect
 import json
 import os
 import statistics
@@ -55,8 +56,14 @@ def main() -> int:
     ca = importlib.import_module("parallelcomp_triton.kernels.chunk_attention")
     old_score = module_at(args.base, "parallelcomp_triton/score.py", "parallelcomp_triton._score_base")
     old_ca = module_at(args.base, "kernels/chunk_attention.py", "parallelcomp_triton.kernels._chunk_attention_base")
-    variants = {"base": (old_score.score_chunks, old_ca._torch_few_rows_batched),
-                "few-row path only": (old_score.score_chunks, ca._torch_few_rows_batched),
+    old_score_chunks = old_score.score_chunks
+    if "defer" not in inspect.signature(old_score_chunks).parameters:
+        # Before f168b11 score_chunks compressed every chunk itself; the pipeline's `compress` of the kept
+        # chunks then finds nothing pending.
+        def old_score_chunks(*a, defer=False, _f=old_score.score_chunks, **k):
+            return _f(*a, **k)
+    variants = {"base": (old_score_chunks, old_ca._torch_few_rows_batched),
+                "few-row path only": (old_score_chunks, ca._torch_few_rows_batched),
                 "score_chunks only": (score.score_chunks, old_ca._torch_few_rows_batched),
                 "working tree": (score.score_chunks, ca._torch_few_rows_batched)}
 
