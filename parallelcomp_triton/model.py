@@ -340,8 +340,8 @@ class Transformer(nn.Module):
         over a batch of chunks has thousands of rows: 1.6 GB for 8K rows of a 49K vocabulary) and the head's
         weight is still read once (blocks of rows would re-read it per block)."""
         rows = hidden.shape[0]
-        lse = torch.full((rows,), float("-inf"), device=hidden.device)
-        target_logit = torch.empty(rows, device=hidden.device)
+        lse = torch.full((rows,), float("-inf"), dtype=torch.float32, device=hidden.device)
+        target_logit = torch.empty(rows, dtype=torch.float32, device=hidden.device)
         weight = self.lm_head.weight
         with _cpu_gemv(rows, hidden):
             for v0 in range(0, weight.shape[0], block):

@@ -119,10 +119,7 @@ def test_pipeline_selects_kv_only_for_chunks_that_survive_eviction(monkeypatch):
     assert chunks >= 8 and len(set(compressed)) == len(compressed) < chunks
 
     class Observer:
-        def chunk_scores(self, *a):
-            pass
-
-        def __getattr__(self, name):  # every other observer hook: nothing to do
+        def __getattr__(self, name):  # chunk_scores and every other hook: nothing to do
             return lambda *a, **k: None
 
     every = pc.generate(text, "Which word comes first?", config=cfg, observer=Observer())
