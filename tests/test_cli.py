@@ -99,7 +99,7 @@ def test_natural_question_beyond_the_window_with_cli_defaults(bundled_model_dir,
 
 
 @pytest.mark.parametrize("flags,ignore,score,pool", [
-    ([], False, "question", 11), (["--ignore-eos", "--score-tokens", "suffix", "--pool-kernel", "7"], True, "suffix", 7)])
+    ([], False, "question", 15), (["--ignore-eos", "--score-tokens", "suffix", "--pool-kernel", "7"], True, "suffix", 7)])
 def test_cli_flags_reach_the_config(doc, flags, ignore, score, pool):
     from parallelcomp_triton.run import _config, build_parser
 
