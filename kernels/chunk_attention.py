@@ -642,20 +642,28 @@ def _torch_few_rows_batched(q, k, v, k_starts, k_lens, seq_len_q, causal, scale,
             longest = max(longest, k_lens[b1])
             b1 += 1
         nb = b1 - b0
+        spans = list(zip(k_starts[b0:b1], k_lens[b0:b1]))
         lens = torch.tensor(k_lens[b0:b1], device=device)
         cols = torch.arange(longest, device=device)
-        valid = cols[None, :] < lens[:, None]                                        # [nb, Lk_max]
-        index = (torch.tensor(k_starts[b0:b1], device=device)[:, None] + cols[None, :]).masked_fill_(~valid, 0)
         # KV head outermost and everything contiguous, so both products are plain bmm calls without hidden
         # copies; the G query heads of a KV head share its keys without expanding K.
         # The scale folded into q (exact for head dim 64), not in place: in fp32 the reshapes may be q itself.
         qb = (q[b0 * seq_len_q:b1 * seq_len_q].reshape(nb, seq_len_q, num_kv_heads, group, head_dim)
               .permute(2, 0, 3, 1, 4).reshape(num_kv_heads, nb, rows, head_dim).float() * scale)
-        flat = index.reshape(-1)  # index_select: several times faster than advanced indexing on the CPU
-        kb = k.transpose(0, 1).index_select(1, flat).view(num_kv_heads, nb, longest, head_dim).float()
+        # Each sequence's keys copied into its zero-padded slot, K converted to fp32 in the same pass (one
+        # pass over K and one over V; a gather and a separate conversion were two over K). The padding is
+        # masked below; zeros keep 0 * V finite.
         # P @ V in the input precision (P rounded to it, fp32 accumulation), as FlashAttention-2 does:
         # half the fp32 GEMM work; the logits, softmax, lse and window scores stay fp32.
-        vb = v.transpose(0, 1).index_select(1, flat).view(num_kv_heads, nb, longest, head_dim)
+        kt, vt = k.transpose(0, 1), v.transpose(0, 1)  # [H_kv, total_k, d]
+        kb = _new_buffer((num_kv_heads, nb, longest, head_dim), dtype=torch.float32, device=device)
+        vb = _new_buffer((num_kv_heads, nb, longest, head_dim), dtype=v.dtype, device=device)
+        for j, (start, length) in enumerate(spans):
+            kb[:, j, :length].copy_(kt[:, start:start + length])
+            vb[:, j, :length].copy_(vt[:, start:start + length])
+            if length < longest:
+                kb[:, j, length:].zero_()
+                vb[:, j, length:].zero_()
         s = torch.matmul(qb, kb.transpose(-1, -2)).view(num_kv_heads, nb, group, seq_len_q, longest)
         # Only the last columns can be hidden from some row (padding, causal diagonal); mask just those.
         first = min(k_lens[b0:b1]) - (seq_len_q if causal else 0)
@@ -678,8 +686,9 @@ def _torch_few_rows_batched(q, k, v, k_starts, k_lens, seq_len_q, causal, scale,
                 nb * seq_len_q, num_heads)
         if per_head is not None:
             w = min(window, seq_len_q)
-            col_sums = p[:, :, :, seq_len_q - w:].sum(3).permute(1, 3, 0, 2).reshape(nb, longest, num_heads)
-            per_head[index[valid]] = col_sums[valid]
+            col_sums = p[:, :, :, seq_len_q - w:].sum(3).permute(1, 3, 0, 2)  # [nb, Lk_max, H_kv, G]
+            for j, (start, length) in enumerate(spans):
+                per_head[start:start + length] = col_sums[j, :length].reshape(length, num_heads)
         b0 = b1
 
 
