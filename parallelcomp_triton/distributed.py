@@ -15,6 +15,10 @@ ranks' local K best, so nothing else has to move. Then:
    rank 0 knows every shape from the chunk spans, so no metadata travels;
 3. rank 0 merges, runs the question pass and decodes (`ParallelComp.answer`); the other ranks are done.
 
+Encoded documents (`encode_distributed`, `--save-encoding` / `--encoding` with `--distributed`): each rank
+encodes its share of the chunks and writes their files into one directory, which every rank must see;
+answering from it, each rank reads its own share's chunks from there, then as above.
+
 Backend: nccl on GPUs (rank r uses cuda:LOCAL_RANK), gloo on CPU. Results equal the single-process run
 token for token up to floating-point ties (a chunk's numbers do not depend on which rank encodes it, only on
 which chunks share its prefill batch, as in one process with another `batch_chunks`).
@@ -30,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from .cache import ChunkCache
+from .encode import AtomicDir, EncodedDocument, encoding_meta, progress_bar, write_chunks
 from .errors import ParallelCompError
 from .pipeline import Document, ParallelComp, _nan_last
 
@@ -194,3 +199,80 @@ def generate_distributed(pc: ParallelComp, ctx: DistContext, pairs, max_new_toke
         }
     answers = iter(pc.answer(cfg, docs, cache))
     return [next(answers) if isinstance(d, Document) else d for d in prepared]
+
+
+def _agree(ctx: DistContext, error: str | None) -> None:
+    """A collective check: raise on every rank, with the first failing rank's message, if any rank failed
+    (so that no rank waits in a later collective for one that has left)."""
+    errors: list = [None] * ctx.world_size
+    dist.all_gather_object(errors, error)
+    failed = [(rank, e) for rank, e in enumerate(errors) if e is not None]
+    if failed:
+        rank, message = failed[0]
+        raise ParallelCompError(message if rank == 0 else f"rank {rank}: {message}")
+
+
+@torch.no_grad()
+def encode_distributed(pc: ParallelComp, ctx: DistContext, context: str, path, config=None,
+                       progress: bool = False) -> EncodedDocument:
+    """`pc.encode(context, config, path)` with the chunks spread over the ranks as `generate_distributed`
+    spreads them: each rank encodes its share (`batch_chunks` at a time from the share's first chunk) and
+    writes its chunks' files into the temporary directory rank 0 made beside `path`; rank 0 writes meta.json
+    last and renames it into place. `path` must be on a disk every rank sees (one host, or a shared file
+    system); otherwise every rank fails with one line. Every rank must call it with the same arguments and
+    gets the encoding, read back and checked."""
+    prefix, document, spans, settings = pc.plan_encoding(context, config)
+    writer, tmp, error = None, None, None
+    if ctx.rank == 0:
+        try:
+            writer = AtomicDir(path)
+            tmp = str(writer.tmp)
+        except ParallelCompError as e:
+            error = str(e)
+    tmp = ctx.broadcast(tmp)
+    _agree(ctx, error)
+    if ctx.rank != 0:
+        if not os.path.isdir(tmp):
+            error = (f"--save-encoding {path}: rank 0's directory {tmp} is not visible here; under --distributed "
+                     "the encoding must be on a disk every rank shares")
+        else:
+            writer = AtomicDir.join(path, tmp)
+    try:
+        _agree(ctx, error)
+        share = chunk_shares(len(spans), ctx.world_size)[ctx.rank]
+        bar = progress_bar(len(share), progress)
+        try:
+            write_chunks(writer, pc.model, prefix, document, spans, settings["batch_chunks"], share, pc.backend, bar)
+        except ParallelCompError as e:
+            error = str(e)
+        finally:
+            if bar is not None:
+                bar.close()
+        files: list = [None] * ctx.world_size
+        dist.all_gather_object(files, writer.files)
+        _agree(ctx, error)
+        if ctx.rank == 0:
+            for part in files:
+                writer.files.update(part)
+            try:
+                writer.commit(encoding_meta(pc.model, pc.tokenizer, pc.source, prefix, document, spans, settings))
+            except OSError as e:
+                error = f"{path}: cannot write ({e.strerror or e})"
+        _agree(ctx, error)
+    except BaseException:
+        if ctx.rank == 0 and writer is not None:
+            writer.abort()
+        raise
+    return load_encoded_distributed(pc, ctx, path)
+
+
+def load_encoded_distributed(pc: ParallelComp, ctx: DistContext, path) -> EncodedDocument:
+    """`pc.load_encoded(path)` on every rank (each reads its share of the chunks from it later); a rank that
+    cannot read it makes every rank fail with its one line."""
+    encoded, error = None, None
+    try:
+        encoded = pc.load_encoded(path)
+    except ParallelCompError as e:
+        error = str(e)
+    _agree(ctx, error)
+    return encoded

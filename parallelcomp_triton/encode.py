@@ -97,44 +97,62 @@ def encode_chunks(model, seqs: list[tuple[list[int], list[int]]], capture_prefix
     return [ChunkKV(k, v, h) for k, v, h in zip(keys, values, hidden.unbind(0))], prefixes
 
 
-def write_encoding(model, tokenizer, source: str, prefix: list[int], document: list[int],
-                   spans: list[tuple[int, int]], settings: dict, path=None, backend: str = "auto",
-                   progress: bool = False) -> EncodedDocument:
-    """Encode `document` cut at `spans` (`encode_chunks` over `settings["batch_chunks"]` chunks at a time, as
-    the fresh prefill batches them) and write it to directory `path` (None: a temporary one the returned
-    object owns). `settings`: the config fields that shaped it, kept in meta.json."""
+def encoding_meta(model, tokenizer, source: str, prefix: list[int], document: list[int],
+                  spans: list[tuple[int, int]], settings: dict) -> dict:
+    """meta.json of an encoding (without its file list): model identity, dtype, shapes, the settings that
+    shaped it (`settings`: config fields; `batch_chunks` kept apart), prefix and document tokens, spans."""
     a = model.args
-    meta = {"format": FORMAT, "version": VERSION, "model": model_identity(model, tokenizer), "model_source": source,
+    return {"format": FORMAT, "version": VERSION, "model": model_identity(model, tokenizer), "model_source": source,
             "dtype": dtype_name(model.embed_tokens.weight.dtype), "num_layers": a.num_layers,
             "num_kv_heads": a.num_kv_heads, "head_dim": a.head_dim, "hidden_size": a.hidden_size,
             "settings": {k: v for k, v in settings.items() if k != "batch_chunks"},
             "batch_chunks": settings["batch_chunks"], "prefix": prefix, "document": document,
             "spans": [list(s) for s in spans]}
+
+
+def write_chunks(writer: "AtomicDir", model, prefix: list[int], document: list[int], spans: list[tuple[int, int]],
+                 batch_chunks: int, chunks: range, backend: str = "auto", bar=None) -> None:
+    """Encode the chunks `chunks` (`encode_chunks`, `batch_chunks` at a time from the first, as the fresh
+    prefill batches them) and write each one's file into `writer`, and the prefix's with chunk 0."""
+    for first in range(chunks.start, chunks.stop, batch_chunks):
+        batch = range(first, min(first + batch_chunks, chunks.stop))
+        seqs = [(prefix, document[spans[c][0]:spans[c][1]]) for c in batch]
+        kvs, prefixes = encode_chunks(model, seqs, [bool(prefix) and c == 0 for c in batch], backend)
+        if prefixes[0] is not None:
+            keys, values = prefixes[0]
+            writer.save_tensors("prefix.safetensors", {**{f"k.{l}": t for l, t in enumerate(keys)},
+                                                       **{f"v.{l}": t for l, t in enumerate(values)}})
+        for c, kv in zip(batch, kvs):
+            writer.save_tensors(chunk_file(c), {**{f"k.{l}": t for l, t in enumerate(kv.keys)},
+                                                **{f"v.{l}": t for l, t in enumerate(kv.values)},
+                                                "hidden": kv.hidden})
+        del kvs, prefixes
+        if bar is not None:
+            bar.update(len(batch))
+
+
+def progress_bar(total: int, progress: bool):
+    if not progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="encoding", unit="chunk", leave=False)
+
+
+def write_encoding(model, tokenizer, source: str, prefix: list[int], document: list[int],
+                   spans: list[tuple[int, int]], settings: dict, path=None, backend: str = "auto",
+                   progress: bool = False) -> EncodedDocument:
+    """Encode `document` cut at `spans` (`write_chunks` over every chunk) and write it to directory `path`
+    (None: a temporary one the returned object owns). `settings`: the config fields that shaped it, kept in
+    meta.json."""
+    meta = encoding_meta(model, tokenizer, source, prefix, document, spans, settings)
     owned = path is None
     final = Path(tempfile.mkdtemp(prefix="parallelcomp-encoding-")) / "encoding" if owned else Path(path)
     writer = AtomicDir(final)
-    step = settings["batch_chunks"]
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(spans), desc="encoding", unit="chunk", leave=False)
+    bar = progress_bar(len(spans), progress)
     try:
-        for first in range(0, len(spans), step):
-            batch = range(first, min(first + step, len(spans)))
-            seqs = [(prefix, document[spans[c][0]:spans[c][1]]) for c in batch]
-            kvs, prefixes = encode_chunks(model, seqs, [bool(prefix) and c == 0 for c in batch], backend)
-            if prefixes[0] is not None:
-                keys, values = prefixes[0]
-                writer.save_tensors("prefix.safetensors", {**{f"k.{l}": t for l, t in enumerate(keys)},
-                                                           **{f"v.{l}": t for l, t in enumerate(values)}})
-            for c, kv in zip(batch, kvs):
-                writer.save_tensors(chunk_file(c), {**{f"k.{l}": t for l, t in enumerate(kv.keys)},
-                                                    **{f"v.{l}": t for l, t in enumerate(kv.values)},
-                                                    "hidden": kv.hidden})
-            del kvs, prefixes
-            if bar is not None:
-                bar.update(len(batch))
+        write_chunks(writer, model, prefix, document, spans, settings["batch_chunks"], range(len(spans)), backend,
+                     bar)
         writer.commit(meta)
     except BaseException:
         writer.abort()
@@ -305,6 +323,14 @@ class AtomicDir:
         except OSError as e:
             raise ParallelCompError(f"{self.final}: cannot write ({e.strerror or e})") from None
         self.files: dict[str, int] = {}
+
+    @classmethod
+    def join(cls, final, tmp) -> "AtomicDir":
+        """A writer into the temporary directory `tmp` another process's AtomicDir(final) made (a distributed
+        encoding: every rank writes its chunks there, the one that made it commits)."""
+        writer = cls.__new__(cls)
+        writer.final, writer.tmp, writer.files = Path(final), Path(tmp), {}
+        return writer
 
     def save_tensors(self, name: str, tensors: dict) -> None:
         from safetensors.torch import save_file

@@ -290,6 +290,11 @@ class ParallelComp:
         their config must chunk as this one (`chunk_tokens`, `snap_to_sentences`, `window`) and give the
         same template prefix. Needs mode 'parallelcomp' and a fixed `chunk_tokens` (None sizes chunks by
         the question)."""
+        return write_encoding(self.model, self.tokenizer, self.source, *self.plan_encoding(context, config), path,
+                              self.backend, progress)
+
+    def plan_encoding(self, context: str, config: ParallelCompConfig | None = None):
+        """What `encode` writes, checked: (prefix tokens, document tokens, chunk spans, settings)."""
         cfg = self.resolve_config(config, None)
         if cfg.mode != "parallelcomp":
             raise ParallelCompError(f"encode: mode {cfg.mode!r} cuts the document by the question; only mode "
@@ -308,8 +313,7 @@ class ParallelComp:
                                     f"{window}-token window (at most {limit} here)")
         spans = self.chunk_spans(cfg, toks.document, cfg.chunk_tokens, limit)
         settings = dict(self._encoding_settings(cfg), batch_chunks=cfg.batch_chunks)
-        return write_encoding(self.model, self.tokenizer, self.source, toks.prefix, toks.document, spans, settings,
-                              path, self.backend, progress)
+        return toks.prefix, toks.document, spans, settings
 
     def load_encoded(self, path) -> EncodedDocument:
         """An encoding saved by `encode(path=...)` or `EncodedDocument.save`, checked against this model:

@@ -25,7 +25,9 @@ become spaces; --json prints one JSON object per question instead). --save-encod
 --dtype auto, its dtype.
 
 --distributed (under torchrun): every rank loads the model and prefills its share of the chunks; rank 0
-gathers the K best compressed chunk caches, answers and prints; the other ranks print nothing.
+gathers the K best compressed chunk caches, answers and prints; the other ranks print nothing. With
+--save-encoding or --encoding, each rank encodes (or reads) its share of the chunks in that one directory,
+which every rank must see (one host, or a shared file system).
 """
 from __future__ import annotations
 
@@ -221,10 +223,6 @@ def _config(args) -> ParallelCompConfig:
         raise ParallelCompError("--demo answers one question")
     if args.save_encoding is not None and args.input is None:
         raise ParallelCompError("--save-encoding needs --input (the document to encode)")
-    if args.distributed and (args.encoding is not None or args.save_encoding is not None):
-        # Refused for now: every rank would need the encoding's files (or rank 0 would have to ship each
-        # rank its chunks' K/V, more bytes than the chunks' compressed caches the distributed run sends).
-        raise ParallelCompError("--encoding and --save-encoding do not work with --distributed")
     if args.batch_docs < 1:
         raise ParallelCompError(f"--batch-docs {args.batch_docs}: must be >= 1")
     if args.demo_tokens < 100:
@@ -425,7 +423,9 @@ def answer_jsonl(pc, jobs: list[Job], cfg, args, generate_batch=None, speak: boo
 
 
 def _main_distributed(args, cfg) -> int:
-    from .distributed import generate_distributed, init_distributed
+    from .distributed import (_agree, encode_distributed, generate_distributed, init_distributed,
+                              load_encoded_distributed)
+    from .encode import read_meta
     from .pipeline import ParallelComp
 
     ctx = init_distributed(args.device)
@@ -442,7 +442,17 @@ def _main_distributed(args, cfg) -> int:
         if kind == "error":
             raise ParallelCompError(value)
         jobs = value
-        pc = ParallelComp.from_pretrained(args.model, dtype=args.dtype, device=ctx.device, backend=args.backend)
+        dtype = args.dtype
+        if args.encoding is not None:  # every rank reads it (its share of the chunks, later)
+            meta, error = None, None
+            try:
+                meta = read_meta(args.encoding)  # a bad directory fails before the model loads
+            except ParallelCompError as e:
+                error = str(e)
+            _agree(ctx, error)
+            if dtype == "auto":
+                dtype = meta["dtype"]  # the encoding's precision
+        pc = ParallelComp.from_pretrained(args.model, dtype=dtype, device=ctx.device, backend=args.backend)
         progress = ctx.rank == 0 and not args.no_progress
 
         def generate_batch(pairs):
@@ -456,8 +466,17 @@ def _main_distributed(args, cfg) -> int:
                 job, expected = _demo_job(pc, args)
                 jobs = [job]
             # Several questions (--question repeated, --questions): one generate_batch over the pairs.
-            results = generate_distributed(pc, ctx, [(job.context, job.question) for job in jobs], config=cfg,
-                                           progress=progress)
+            pairs = [(job.context, job.question) for job in jobs]
+            if args.encoding is not None:
+                encoded = load_encoded_distributed(pc, ctx, args.encoding)
+                cfg = encoded.config(cfg)  # chunk, prompt and batch as the encoding did
+                pairs = [(encoded, job.question) for job in jobs]
+            elif args.save_encoding is not None:
+                for job in jobs:  # the window checks that need no document, before the (long) encoding
+                    pc.prepare(pc.resolve_config(cfg, None), "x", job.question)
+                encoded = encode_distributed(pc, ctx, jobs[0].context, args.save_encoding, cfg, progress)
+                pairs = [(encoded, job.question) for job in jobs]
+            results = generate_distributed(pc, ctx, pairs, config=cfg, progress=progress)
             if ctx.rank == 0:
                 for job, res in zip(jobs, results):
                     _print_answer(res, args, expected, cfg, question=job.question if len(jobs) > 1 else None,

@@ -138,3 +138,51 @@ def test_bad_input_under_torchrun_one_line_from_rank0_no_hang(model_dir, tmp_pat
     ours = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert ours == [f"error: {tmp_path / 'missing.txt'}: no such file"]
     assert "exitcode  : 2" in proc.stderr  # torchrun's summary names the first rank that exited, with code 2
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_encode_and_answer_from_the_encoding(pc, model_dir, tmp_path):
+    """--save-encoding under --distributed: each rank writes its share of the chunks into one directory that
+    loads as a complete encoding in one process; answers (there, and from it under --encoding in a new
+    torchrun) equal one process's fresh answers; the chunk files hold what one process encodes."""
+    context, questions = document(400, seed=3), ["Which word comes first?", "Which word comes last?"]
+    doc, enc = tmp_path / "doc.txt", tmp_path / "enc"
+    doc.write_text(context)
+    ask = [arg for q in questions for arg in ("--question", q)]
+    proc = torchrun(2, "--model", str(model_dir), "--input", str(doc), *ask, "--save-encoding", str(enc), "--json",
+                    *CLI_CONFIG)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    cfg = ParallelCompConfig(**CONFIG)
+    want = [pc.generate(context, q, config=cfg) for q in questions]
+    assert [o["question"] for o in saved] == questions
+    assert [o["token_ids"] for o in saved] == [w.token_ids for w in want]
+    assert all(len(w.token_ids) > 0 for w in want)
+    assert saved[0]["stats"]["kept_chunks"] == want[0].stats["kept_chunks"]
+    assert saved[0]["stats"]["distributed"]["chunks_per_rank"][1] > 0
+
+    encoded = pc.load_encoded(enc)  # complete: every rank's files listed and present
+    n = len(encoded.spans)
+    assert n >= 10 and not [p for p in os.listdir(tmp_path) if p.startswith(".enc.")]  # no temporary left
+    mine = pc.encode(context, config=cfg)
+    for c in (0, n - 1):  # rank 0's first chunk and rank 1's last
+        a, b = encoded.load_chunk(c), mine.load_chunk(c)
+        assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(a.keys + a.values, b.keys + b.values))
+    assert [pc.generate(encoded, q, config=encoded.config(cfg)).token_ids for q in questions] == \
+        [w.token_ids for w in want]
+
+    proc = torchrun(2, "--model", str(model_dir), "--encoding", str(enc), "--question", questions[1], "--json",
+                    *CLI_CONFIG)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["token_ids"] == want[1].token_ids
+
+
+@pytest.mark.slow
+def test_distributed_encoding_errors_one_line_no_hang(model_dir, tmp_path):
+    """A bad --encoding under torchrun: every rank fails alike, rank 0 says it in one line, exit 2."""
+    proc = torchrun(2, "--model", str(model_dir), "--encoding", str(tmp_path / "none"), "--question", "q",
+                    "--no-progress")
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "no such directory" in errors[0], proc.stderr[-3000:]
