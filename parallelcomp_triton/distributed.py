@@ -201,7 +201,7 @@ def generate_distributed(pc: ParallelComp, ctx: DistContext, pairs, max_new_toke
     return [next(answers) if isinstance(d, Document) else d for d in prepared]
 
 
-def _agree(ctx: DistContext, error: str | None) -> None:
+def agree(ctx: DistContext, error: str | None) -> None:
     """A collective check: raise on every rank, with the first failing rank's message, if any rank failed
     (so that no rank waits in a later collective for one that has left)."""
     errors: list = [None] * ctx.world_size
@@ -210,6 +210,17 @@ def _agree(ctx: DistContext, error: str | None) -> None:
     if failed:
         rank, message = failed[0]
         raise ParallelCompError(message if rank == 0 else f"rank {rank}: {message}")
+
+
+def on_every_rank(ctx: DistContext, fn, *args):
+    """fn(*args) on every rank; where it fails (one line: ParallelCompError) on any rank, every rank raises."""
+    result, error = None, None
+    try:
+        result = fn(*args)
+    except ParallelCompError as e:
+        error = str(e)
+    agree(ctx, error)
+    return result
 
 
 @torch.no_grad()
@@ -230,7 +241,7 @@ def encode_distributed(pc: ParallelComp, ctx: DistContext, context: str, path, c
         except ParallelCompError as e:
             error = str(e)
     tmp = ctx.broadcast(tmp)
-    _agree(ctx, error)
+    agree(ctx, error)
     if ctx.rank != 0:
         if not os.path.isdir(tmp):
             error = (f"--save-encoding {path}: rank 0's directory {tmp} is not visible here; under --distributed "
@@ -238,19 +249,19 @@ def encode_distributed(pc: ParallelComp, ctx: DistContext, context: str, path, c
         else:
             writer = AtomicDir.join(path, tmp)
     try:
-        _agree(ctx, error)
+        agree(ctx, error)
         share = chunk_shares(len(spans), ctx.world_size)[ctx.rank]
         bar = progress_bar(len(share), progress)
         try:
             write_chunks(writer, pc.model, prefix, document, spans, settings["batch_chunks"], share, pc.backend, bar)
-        except ParallelCompError as e:
-            error = str(e)
+        except OSError as e:  # a full or read-only disk on this rank
+            error = f"{path}: cannot write ({e.strerror or e})"
         finally:
             if bar is not None:
                 bar.close()
         files: list = [None] * ctx.world_size
         dist.all_gather_object(files, writer.files)
-        _agree(ctx, error)
+        agree(ctx, error)
         if ctx.rank == 0:
             for part in files:
                 writer.files.update(part)
@@ -258,21 +269,9 @@ def encode_distributed(pc: ParallelComp, ctx: DistContext, context: str, path, c
                 writer.commit(encoding_meta(pc.model, pc.tokenizer, pc.source, prefix, document, spans, settings))
             except OSError as e:
                 error = f"{path}: cannot write ({e.strerror or e})"
-        _agree(ctx, error)
+        agree(ctx, error)
     except BaseException:
         if ctx.rank == 0 and writer is not None:
             writer.abort()
         raise
-    return load_encoded_distributed(pc, ctx, path)
-
-
-def load_encoded_distributed(pc: ParallelComp, ctx: DistContext, path) -> EncodedDocument:
-    """`pc.load_encoded(path)` on every rank (each reads its share of the chunks from it later); a rank that
-    cannot read it makes every rank fail with its one line."""
-    encoded, error = None, None
-    try:
-        encoded = pc.load_encoded(path)
-    except ParallelCompError as e:
-        error = str(e)
-    _agree(ctx, error)
-    return encoded
+    return on_every_rank(ctx, pc.load_encoded, path)

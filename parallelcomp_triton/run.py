@@ -320,6 +320,12 @@ def _main(args) -> int:
     return 0
 
 
+def check_questions_fit(pc, cfg, jobs: list[Job]) -> None:
+    """The window checks that need no document, for every question, before the (long) encoding."""
+    for job in jobs:
+        pc.prepare(pc.resolve_config(cfg, None), "x", job.question)
+
+
 def answer_encoded(pc, jobs: list[Job], cfg, args) -> int:
     """Many questions about one document: encode it once (or load --encoding), then answer every question
     over the encoding, printing each answer as it comes."""
@@ -327,8 +333,7 @@ def answer_encoded(pc, jobs: list[Job], cfg, args) -> int:
         encoded = pc.load_encoded(args.encoding)
         cfg = encoded.config(cfg)  # chunk, prompt and batch as the encoding did
     else:
-        for job in jobs:  # the window checks that need no document, before the (long) encoding
-            pc.prepare(pc.resolve_config(cfg, None), "x", job.question)
+        check_questions_fit(pc, cfg, jobs)
         encoded = pc.encode(jobs[0].context, cfg, path=args.save_encoding, progress=not args.no_progress)
     try:
         for job in jobs:  # every question checked (fits the window, ...) before the first is answered
@@ -423,8 +428,7 @@ def answer_jsonl(pc, jobs: list[Job], cfg, args, generate_batch=None, speak: boo
 
 
 def _main_distributed(args, cfg) -> int:
-    from .distributed import (_agree, encode_distributed, generate_distributed, init_distributed,
-                              load_encoded_distributed)
+    from .distributed import encode_distributed, generate_distributed, init_distributed, on_every_rank
     from .encode import read_meta
     from .pipeline import ParallelComp
 
@@ -443,15 +447,8 @@ def _main_distributed(args, cfg) -> int:
             raise ParallelCompError(value)
         jobs = value
         dtype = args.dtype
-        if args.encoding is not None:  # every rank reads it (its share of the chunks, later)
-            meta, error = None, None
-            try:
-                meta = read_meta(args.encoding)  # a bad directory fails before the model loads
-            except ParallelCompError as e:
-                error = str(e)
-            _agree(ctx, error)
-            if dtype == "auto":
-                dtype = meta["dtype"]  # the encoding's precision
+        if args.encoding is not None and dtype == "auto":  # the encoding's precision; every rank must read it,
+            dtype = on_every_rank(ctx, read_meta, args.encoding)["dtype"]  # and a bad one fails before the model
         pc = ParallelComp.from_pretrained(args.model, dtype=dtype, device=ctx.device, backend=args.backend)
         progress = ctx.rank == 0 and not args.no_progress
 
@@ -467,13 +464,12 @@ def _main_distributed(args, cfg) -> int:
                 jobs = [job]
             # Several questions (--question repeated, --questions): one generate_batch over the pairs.
             pairs = [(job.context, job.question) for job in jobs]
-            if args.encoding is not None:
-                encoded = load_encoded_distributed(pc, ctx, args.encoding)
+            if args.encoding is not None:  # each rank reads its share of the chunks from it
+                encoded = on_every_rank(ctx, pc.load_encoded, args.encoding)
                 cfg = encoded.config(cfg)  # chunk, prompt and batch as the encoding did
                 pairs = [(encoded, job.question) for job in jobs]
             elif args.save_encoding is not None:
-                for job in jobs:  # the window checks that need no document, before the (long) encoding
-                    pc.prepare(pc.resolve_config(cfg, None), "x", job.question)
+                check_questions_fit(pc, cfg, jobs)
                 encoded = encode_distributed(pc, ctx, jobs[0].context, args.save_encoding, cfg, progress)
                 pairs = [(encoded, job.question) for job in jobs]
             results = generate_distributed(pc, ctx, pairs, config=cfg, progress=progress)
