@@ -201,25 +201,20 @@ def generate_distributed(pc: ParallelComp, ctx: DistContext, pairs, max_new_toke
     return [next(answers) if isinstance(d, Document) else d for d in prepared]
 
 
-def agree(ctx: DistContext, error: str | None) -> None:
-    """A collective check: raise on every rank, with the first failing rank's message, if any rank failed
-    (so that no rank waits in a later collective for one that has left)."""
+def on_every_rank(ctx: DistContext, fn, *args):
+    """fn(*args) on every rank; where it fails (one line: ParallelCompError) on any rank, every rank raises the
+    first failing rank's line, so that no rank waits in a later collective for one that has left."""
+    result, error = None, None
+    try:
+        result = fn(*args)
+    except ParallelCompError as e:
+        error = str(e)
     errors: list = [None] * ctx.world_size
     dist.all_gather_object(errors, error)
     failed = [(rank, e) for rank, e in enumerate(errors) if e is not None]
     if failed:
         rank, message = failed[0]
         raise ParallelCompError(message if rank == 0 else f"rank {rank}: {message}")
-
-
-def on_every_rank(ctx: DistContext, fn, *args):
-    """fn(*args) on every rank; where it fails (one line: ParallelCompError) on any rank, every rank raises."""
-    result, error = None, None
-    try:
-        result = fn(*args)
-    except ParallelCompError as e:
-        error = str(e)
-    agree(ctx, error)
     return result
 
 
@@ -233,45 +228,46 @@ def encode_distributed(pc: ParallelComp, ctx: DistContext, context: str, path, c
     system); otherwise every rank fails with one line. Every rank must call it with the same arguments and
     gets the encoding, read back and checked."""
     prefix, document, spans, settings = pc.plan_encoding(context, config)
-    writer, tmp, error = None, None, None
-    if ctx.rank == 0:
-        try:
-            writer = AtomicDir(path)
-            tmp = str(writer.tmp)
-        except ParallelCompError as e:
-            error = str(e)
-    tmp = ctx.broadcast(tmp)
-    agree(ctx, error)
-    if ctx.rank != 0:
+    share = chunk_shares(len(spans), ctx.world_size)[ctx.rank]
+    made = on_every_rank(ctx, lambda: AtomicDir(path) if ctx.rank == 0 else None)
+    tmp = ctx.broadcast(str(made.tmp) if made is not None else None)
+
+    def join() -> AtomicDir:
+        if made is not None:
+            return made
         if not os.path.isdir(tmp):
-            error = (f"--save-encoding {path}: rank 0's directory {tmp} is not visible here; under --distributed "
-                     "the encoding must be on a disk every rank shares")
-        else:
-            writer = AtomicDir.join(path, tmp)
-    try:
-        agree(ctx, error)
-        share = chunk_shares(len(spans), ctx.world_size)[ctx.rank]
+            raise ParallelCompError(f"--save-encoding {path}: rank 0's directory {tmp} is not visible here; under "
+                                    "--distributed the encoding must be on a disk every rank shares")
+        return AtomicDir.join(path, tmp)
+
+    def write(writer: AtomicDir) -> None:
         bar = progress_bar(len(share), progress)
         try:
             write_chunks(writer, pc.model, prefix, document, spans, settings["batch_chunks"], share, pc.backend, bar)
         except OSError as e:  # a full or read-only disk on this rank
-            error = f"{path}: cannot write ({e.strerror or e})"
+            raise ParallelCompError(f"{path}: cannot write ({e.strerror or e})") from None
         finally:
             if bar is not None:
                 bar.close()
+
+    def commit(files: list[dict]) -> None:
+        if made is None:
+            return
+        for part in files:
+            made.files.update(part)
+        try:
+            made.commit(encoding_meta(pc.model, pc.tokenizer, pc.source, prefix, document, spans, settings))
+        except OSError as e:
+            raise ParallelCompError(f"{path}: cannot write ({e.strerror or e})") from None
+
+    try:
+        writer = on_every_rank(ctx, join)
+        on_every_rank(ctx, write, writer)
         files: list = [None] * ctx.world_size
         dist.all_gather_object(files, writer.files)
-        agree(ctx, error)
-        if ctx.rank == 0:
-            for part in files:
-                writer.files.update(part)
-            try:
-                writer.commit(encoding_meta(pc.model, pc.tokenizer, pc.source, prefix, document, spans, settings))
-            except OSError as e:
-                error = f"{path}: cannot write ({e.strerror or e})"
-        agree(ctx, error)
+        on_every_rank(ctx, commit, files)
     except BaseException:
-        if ctx.rank == 0 and writer is not None:
-            writer.abort()
+        if made is not None:
+            made.abort()
         raise
     return on_every_rank(ctx, pc.load_encoded, path)

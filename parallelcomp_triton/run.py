@@ -463,15 +463,14 @@ def _main_distributed(args, cfg) -> int:
                 job, expected = _demo_job(pc, args)
                 jobs = [job]
             # Several questions (--question repeated, --questions): one generate_batch over the pairs.
-            pairs = [(job.context, job.question) for job in jobs]
+            encoded = None
             if args.encoding is not None:  # each rank reads its share of the chunks from it
                 encoded = on_every_rank(ctx, pc.load_encoded, args.encoding)
                 cfg = encoded.config(cfg)  # chunk, prompt and batch as the encoding did
-                pairs = [(encoded, job.question) for job in jobs]
             elif args.save_encoding is not None:
                 check_questions_fit(pc, cfg, jobs)
                 encoded = encode_distributed(pc, ctx, jobs[0].context, args.save_encoding, cfg, progress)
-                pairs = [(encoded, job.question) for job in jobs]
+            pairs = [(job.context if encoded is None else encoded, job.question) for job in jobs]
             results = generate_distributed(pc, ctx, pairs, config=cfg, progress=progress)
             if ctx.rank == 0:
                 for job, res in zip(jobs, results):
