@@ -274,6 +274,13 @@ class EncodedDocument:
             except Exception as e:
                 raise ParallelCompError(f"encoding {self.path}: {chunk_file(c)} is corrupt ({_one_line(e)})") from None
 
+    def prefetch(self, chunks) -> None:
+        """Read these chunks' files into the page cache on a background thread, returning at once: the
+        pipeline names the next batch's chunks while it scores this one, so an encoding that is not cached
+        (a new process, a cold disk, pages the OS reclaimed) is read on another core rather than page fault
+        by page fault inside the scoring. Advice only: errors are ignored there (the load reports them)."""
+        _read_ahead([self.path / chunk_file(c) for c in chunks])
+
     # -------------------------------------------------------------- keeping
     def save(self, path) -> "EncodedDocument":
         """Copy the encoding to directory `path` (atomically: a temporary sibling renamed into place) and
@@ -301,6 +308,53 @@ class EncodedDocument:
 
     def __exit__(self, *exc):
         self.close()
+
+
+_READER = None  # the read-ahead thread (a one-worker ThreadPoolExecutor), started on first use
+
+
+def _read_ahead(paths: list[Path]) -> None:
+    """Have the read-ahead thread read `paths` into the page cache. With one CPU there is no other core to
+    read on: the kernel is only advised (POSIX_FADV_WILLNEED), which costs no copy."""
+    global _READER
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if cpus < 2:
+        _advise_will_need(paths)
+        return
+    if _READER is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _READER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoding-read-ahead")
+    _READER.submit(_read_through, paths)
+
+
+def _read_through(paths: list[Path], block: int = 1 << 22) -> None:
+    """Read each file once into one reused buffer (the bytes are dropped: the page cache keeps them). The
+    reads release the GIL, so the scoring thread runs meanwhile. Errors are left to the load."""
+    buf = bytearray(block)
+    for path in paths:
+        try:
+            with open(path, "rb", buffering=0) as f:
+                while f.readinto(buf):
+                    pass
+        except OSError:
+            pass
+
+
+def _advise_will_need(paths: list[Path]) -> None:
+    if not hasattr(os, "posix_fadvise"):
+        return
+    for path in paths:
+        try:
+            fd = os.open(str(path), os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 def _one_line(e: BaseException) -> str:

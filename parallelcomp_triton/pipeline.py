@@ -413,8 +413,10 @@ class ParallelComp:
             from tqdm import tqdm
 
             bar = tqdm(total=len(work), desc="chunks", unit="chunk", leave=False)
+        self.prefetch(docs, work[:cfg.batch_chunks])
         for first in range(0, len(work), cfg.batch_chunks):
             batch = work[first:first + cfg.batch_chunks]
+            self.prefetch(docs, work[first + cfg.batch_chunks:first + 2 * cfg.batch_chunks])
             kvs = self.chunk_kv(docs, batch)
             if append_question:
                 items = []
@@ -457,6 +459,14 @@ class ParallelComp:
                 bar.update(len(batch))
         if bar is not None:
             bar.close()
+
+    @staticmethod
+    def prefetch(docs: list[Document], batch: list[tuple[int, int]]) -> None:
+        """Start reading the stored K/V of the encoded chunks in `batch` (the next one) in the background."""
+        for d, c in batch:
+            doc = docs[d]
+            if doc.encoded is not None:
+                doc.encoded.prefetch([doc.chunk_ids[c] if doc.chunk_ids else c])
 
     def chunk_kv(self, docs: list[Document], batch: list[tuple[int, int]]) -> list[ChunkKV]:
         """The full K/V of the chunks `batch` = [(document, chunk)]: one `encode_chunks` pass over those of

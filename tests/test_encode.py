@@ -147,6 +147,70 @@ def test_temporary_encoding_is_removed_and_save_is_atomic(pc, tmp_path):
     assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
 
 
+@pytest.mark.parametrize("name", ["budget_chat_k2_b3", "no_budget_k3_b1"])
+def test_next_batch_is_read_ahead_while_this_one_is_scored(pc, monkeypatch, name):
+    """Every chunk file of the encoding is handed to the read-ahead once, the next batch's before this
+    batch's K/V is loaded (so a cold encoding is read on another core while this batch is scored); the
+    answer is the same as without it."""
+    import parallelcomp_triton.encode as encode
+
+    cfg = CONFIGS[name]
+    events = []
+    monkeypatch.setattr(encode, "_read_ahead", lambda paths: events.extend(("ahead", p.name) for p in paths))
+    load_chunk = EncodedDocument.load_chunk
+    monkeypatch.setattr(EncodedDocument, "load_chunk",
+                        lambda self, c, device="cpu": events.append(("load", encode.chunk_file(c)))
+                        or load_chunk(self, c, device))
+    with pc.encode(DOC, cfg) as encoded:
+        events.clear()
+        got = pc.generate(encoded, QUESTIONS[1], config=cfg)
+        n = len(encoded.spans)
+    files = [encode.chunk_file(c) for c in range(n)]
+    assert [f for kind, f in events if kind == "ahead"] == files
+    assert [f for kind, f in events if kind == "load"] == files
+    b = cfg.batch_chunks
+    for c, f in enumerate(files):
+        ahead_by_then = {g for kind, g in events[:events.index(("load", f))] if kind == "ahead"}
+        batch_end = (c // b + 2) * b  # this batch and the next
+        assert ahead_by_then == set(files[:batch_end]), f
+    assert_same(got, pc.generate(DOC, QUESTIONS[1], config=cfg))
+
+
+def test_read_ahead_reads_whole_files_and_ignores_missing_ones(tmp_path, monkeypatch):
+    import parallelcomp_triton.encode as encode
+
+    data = os.urandom(3 * 1000 + 17)
+    (tmp_path / "a").write_bytes(data)
+    reads = []
+
+    class Spy:
+        def __init__(self, path, mode, buffering):
+            self.f = open(path, mode, buffering=buffering)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def readinto(self, buf):
+            n = self.f.readinto(buf)
+            reads.append(n)
+            return n
+
+    monkeypatch.setattr(encode, "open", Spy, raising=False)
+    encode._read_through([tmp_path / "missing", tmp_path / "a", tmp_path], block=1000)
+    assert sum(reads) == len(data) and reads[-1] == 0  # read to the end; the missing file and the directory skipped
+    encode._advise_will_need([tmp_path / "missing", tmp_path / "a"])  # advice: a missing file is no error
+    # With one CPU there is no core to read on: the kernel is advised instead, no thread started.
+    monkeypatch.setattr(encode.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    advised = []
+    monkeypatch.setattr(encode, "_advise_will_need", advised.append)
+    monkeypatch.setattr(encode, "_READER", None)
+    encode._read_ahead([tmp_path / "a"])
+    assert advised == [[tmp_path / "a"]] and encode._READER is None
+
+
 def one_line(excinfo) -> str:
     msg = str(excinfo.value)
     assert "\n" not in msg and msg
