@@ -6,7 +6,7 @@ Encodes the NIAH document `followup.py` uses (or reuses `--encoding DIR`), then 
 encoding, alternating four variants: the encoding cached ("warm") or its chunk files just dropped from the
 page cache with POSIX_FADV_DONTNEED ("cold": as after a reboot, or once the OS has reclaimed the pages of an
 encoding left idle), each with the pipeline's read-ahead (the next batch's chunk files read on a background
-thread, `EncodedDocument.prefetch`) or with it off. Reports per variant the median wall time, the process's
+thread, `encode.read_ahead`) or with it off. Reports per variant the median wall time, the process's
 CPU time (all threads: the read-ahead thread's reads included) and major page faults, and whether every
 variant gave the same tokens; never asserts.
 """
@@ -41,7 +41,7 @@ def main() -> int:
     args = p.parse_args()
 
     from parallelcomp_triton import ParallelComp, ParallelCompConfig
-    from parallelcomp_triton.encode import EncodedDocument
+    import parallelcomp_triton.pipeline as pipeline
     from parallelcomp_triton.tasks import niah_case
 
     pc = ParallelComp.from_pretrained(None)
@@ -52,7 +52,7 @@ def main() -> int:
         encoded = pc.load_encoded(path)
     else:
         encoded = pc.encode(case.context, config=cfg, path=path)
-    prefetch = EncodedDocument.prefetch
+    read_ahead = pipeline.read_ahead
 
     pc.generate(encoded, case.question, config=cfg)  # page the encoding in
     variants = [("warm, read-ahead", False, True), ("warm, no read-ahead", False, False),
@@ -62,7 +62,7 @@ def main() -> int:
     try:
         for _ in range(args.repeats):
             for name, cold, ahead in variants:
-                EncodedDocument.prefetch = prefetch if ahead else (lambda self, chunks: None)
+                pipeline.read_ahead = read_ahead if ahead else (lambda paths: None)
                 if cold:
                     drop_from_page_cache(path)
                 r0, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
@@ -74,7 +74,7 @@ def main() -> int:
                 print(f"{name}: {wall:.2f} s (process CPU {cpu:.2f} s, {runs[name][-1]['major_faults']} major "
                       "faults)", file=sys.stderr, flush=True)
     finally:
-        EncodedDocument.prefetch = prefetch
+        pipeline.read_ahead = read_ahead
     table = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
     print("| variant | wall s | process CPU s | major faults |")
     print("|---|---:|---:|---:|")

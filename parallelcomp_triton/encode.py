@@ -274,12 +274,8 @@ class EncodedDocument:
             except Exception as e:
                 raise ParallelCompError(f"encoding {self.path}: {chunk_file(c)} is corrupt ({_one_line(e)})") from None
 
-    def prefetch(self, chunks) -> None:
-        """Read these chunks' files into the page cache on a background thread, returning at once: the
-        pipeline names the next batch's chunks while it scores this one, so an encoding that is not cached
-        (a new process, a cold disk, pages the OS reclaimed) is read on another core rather than page fault
-        by page fault inside the scoring. Advice only: errors are ignored there (the load reports them)."""
-        _read_ahead([self.path / chunk_file(c) for c in chunks])
+    def chunk_path(self, c: int) -> Path:
+        return self.path / chunk_file(c)
 
     # -------------------------------------------------------------- keeping
     def save(self, path) -> "EncodedDocument":
@@ -310,12 +306,17 @@ class EncodedDocument:
         self.close()
 
 
-_READER = None  # the read-ahead thread (a one-worker ThreadPoolExecutor), started on first use
+_READER = None     # the read-ahead thread (a one-worker ThreadPoolExecutor), started on first use
+_QUEUED: list = []  # its jobs not yet finished
 
 
-def _read_ahead(paths: list[Path]) -> None:
-    """Have the read-ahead thread read `paths` into the page cache. With one CPU there is no other core to
-    read on: the kernel is only advised (POSIX_FADV_WILLNEED), which costs no copy."""
+def read_ahead(paths: list[Path]) -> None:
+    """Read `paths` into the page cache on a background thread and return at once. The pipeline names the
+    next batch's chunk files while it scores this one, so an encoding the page cache does not hold (a new
+    process, a cold disk, pages the OS reclaimed) is read on another core rather than page fault by page
+    fault inside the scoring. A job still queued when the next comes is dropped (its batch is being read by
+    the scoring itself by then). With one CPU there is no other core to read on: the kernel is only advised
+    (POSIX_FADV_WILLNEED), which costs no copy. Advice only: errors are left to the load."""
     global _READER
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if cpus < 2:
@@ -325,7 +326,9 @@ def _read_ahead(paths: list[Path]) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         _READER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoding-read-ahead")
-    _READER.submit(_read_through, paths)
+    for job in _QUEUED:
+        job.cancel()  # only succeeds for a job that has not started
+    _QUEUED[:] = [job for job in _QUEUED if not job.done()] + [_READER.submit(_read_through, paths)]
 
 
 def _read_through(paths: list[Path], block: int = 1 << 22) -> None:

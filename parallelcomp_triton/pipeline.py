@@ -25,7 +25,8 @@ from .cache import ChunkCache, CompressedKVCache
 from .config import ParallelCompConfig
 from .errors import ParallelCompError
 from .generation import sample_next
-from .encode import ChunkKV, EncodedDocument, check_model, encode_chunks, open_encoding, write_encoding
+from .encode import (ChunkKV, EncodedDocument, check_model, encode_chunks, open_encoding, read_ahead,
+                     write_encoding)
 from .kernels.chunk_attention import chunk_attention
 from .kernels.decode_attention import decode_attention
 from .score import ScoreItem, compress, keep_best, nan_last, score_chunks
@@ -413,9 +414,9 @@ class ParallelComp:
             from tqdm import tqdm
 
             bar = tqdm(total=len(work), desc="chunks", unit="chunk", leave=False)
-        self.prefetch(docs, work[:cfg.batch_chunks])
         for first in range(0, len(work), cfg.batch_chunks):
             batch = work[first:first + cfg.batch_chunks]
+            # The next batch's stored K/V is read on another core while this one is scored.
             self.prefetch(docs, work[first + cfg.batch_chunks:first + 2 * cfg.batch_chunks])
             kvs = self.chunk_kv(docs, batch)
             if append_question:
@@ -463,10 +464,10 @@ class ParallelComp:
     @staticmethod
     def prefetch(docs: list[Document], batch: list[tuple[int, int]]) -> None:
         """Start reading the stored K/V of the encoded chunks in `batch` (the next one) in the background."""
-        for d, c in batch:
-            doc = docs[d]
-            if doc.encoded is not None:
-                doc.encoded.prefetch([doc.chunk_ids[c] if doc.chunk_ids else c])
+        paths = [docs[d].encoded.chunk_path(docs[d].chunk_ids[c] if docs[d].chunk_ids else c)
+                 for d, c in batch if docs[d].encoded is not None]
+        if paths:
+            read_ahead(paths)
 
     def chunk_kv(self, docs: list[Document], batch: list[tuple[int, int]]) -> list[ChunkKV]:
         """The full K/V of the chunks `batch` = [(document, chunk)]: one `encode_chunks` pass over those of

@@ -149,14 +149,15 @@ def test_temporary_encoding_is_removed_and_save_is_atomic(pc, tmp_path):
 
 @pytest.mark.parametrize("name", ["budget_chat_k2_b3", "no_budget_k3_b1"])
 def test_next_batch_is_read_ahead_while_this_one_is_scored(pc, monkeypatch, name):
-    """Every chunk file of the encoding is handed to the read-ahead once, the next batch's before this
-    batch's K/V is loaded (so a cold encoding is read on another core while this batch is scored); the
-    answer is the same as without it."""
+    """Every chunk file of the encoding but the first batch's is handed to the read-ahead once, the next
+    batch's before this batch's K/V is loaded (so a cold encoding is read on another core while this batch
+    is scored); the answer is the same as without it."""
     import parallelcomp_triton.encode as encode
+    import parallelcomp_triton.pipeline as pipeline
 
     cfg = CONFIGS[name]
     events = []
-    monkeypatch.setattr(encode, "_read_ahead", lambda paths: events.extend(("ahead", p.name) for p in paths))
+    monkeypatch.setattr(pipeline, "read_ahead", lambda paths: events.extend(("ahead", p.name) for p in paths))
     load_chunk = EncodedDocument.load_chunk
     monkeypatch.setattr(EncodedDocument, "load_chunk",
                         lambda self, c, device="cpu": events.append(("load", encode.chunk_file(c)))
@@ -166,13 +167,12 @@ def test_next_batch_is_read_ahead_while_this_one_is_scored(pc, monkeypatch, name
         got = pc.generate(encoded, QUESTIONS[1], config=cfg)
         n = len(encoded.spans)
     files = [encode.chunk_file(c) for c in range(n)]
-    assert [f for kind, f in events if kind == "ahead"] == files
-    assert [f for kind, f in events if kind == "load"] == files
     b = cfg.batch_chunks
+    assert [f for kind, f in events if kind == "ahead"] == files[b:]
+    assert [f for kind, f in events if kind == "load"] == files
     for c, f in enumerate(files):
         ahead_by_then = {g for kind, g in events[:events.index(("load", f))] if kind == "ahead"}
-        batch_end = (c // b + 2) * b  # this batch and the next
-        assert ahead_by_then == set(files[:batch_end]), f
+        assert ahead_by_then == set(files[b:(c // b + 2) * b]), f  # up to the end of the next batch
     assert_same(got, pc.generate(DOC, QUESTIONS[1], config=cfg))
 
 
@@ -207,8 +207,27 @@ def test_read_ahead_reads_whole_files_and_ignores_missing_ones(tmp_path, monkeyp
     advised = []
     monkeypatch.setattr(encode, "_advise_will_need", advised.append)
     monkeypatch.setattr(encode, "_READER", None)
-    encode._read_ahead([tmp_path / "a"])
+    encode.read_ahead([tmp_path / "a"])
     assert advised == [[tmp_path / "a"]] and encode._READER is None
+
+
+def test_read_ahead_drops_a_job_that_has_not_started_when_the_next_comes(tmp_path, monkeypatch):
+    """The reader never falls more than one batch behind: a queued read the scoring has overtaken is dropped."""
+    import threading
+
+    import parallelcomp_triton.encode as encode
+
+    monkeypatch.setattr(encode.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(encode, "_READER", None)
+    monkeypatch.setattr(encode, "_QUEUED", [])
+    gate, read = threading.Event(), []
+    monkeypatch.setattr(encode, "_read_through", lambda paths: gate.wait(10) and read.append(paths))
+    for name in "abcd":
+        encode.read_ahead([tmp_path / name])
+    gate.set()
+    encode._READER.shutdown(wait=True)
+    # "a" was running when "b" came, "b" and "c" were dropped while still queued, "d" is the newest.
+    assert read == [[tmp_path / "a"], [tmp_path / "d"]]
 
 
 def one_line(excinfo) -> str:
