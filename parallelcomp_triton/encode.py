@@ -332,16 +332,37 @@ def read_ahead(paths: list[Path]) -> None:
 
 
 def _read_through(paths: list[Path], block: int = 1 << 22) -> None:
-    """Read each file once into one reused buffer (the bytes are dropped: the page cache keeps them). The
-    reads release the GIL, so the scoring thread runs meanwhile. Errors are left to the load."""
-    buf = bytearray(block)
-    for path in paths:
-        try:
-            with open(path, "rb", buffering=0) as f:
-                while f.readinto(buf):
-                    pass
-        except OSError:
-            pass
+    """Bring each file into the page cache. Linux: sendfile to /dev/null, which pulls the pages in (reading
+    the disk where needed) without copying them anywhere, so a cached file costs page lookups, not a pass
+    of its bytes through the CPU caches the scoring uses. Elsewhere, or if that fails: read into one reused
+    buffer. Both release the GIL. Errors are left to the load."""
+    try:
+        sink = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        sink = None
+    try:
+        for path in paths:
+            try:
+                with open(path, "rb", buffering=0) as f:
+                    if sink is not None and hasattr(os, "sendfile"):
+                        try:
+                            size, offset = os.fstat(f.fileno()).st_size, 0
+                            while offset < size:
+                                sent = os.sendfile(sink, f.fileno(), offset, min(block, size - offset))
+                                if sent <= 0:
+                                    break
+                                offset += sent
+                            continue
+                        except OSError:
+                            pass  # no sendfile to this sink here: read instead
+                    buf = bytearray(block)
+                    while f.readinto(buf):
+                        pass
+            except OSError:
+                pass
+    finally:
+        if sink is not None:
+            os.close(sink)
 
 
 def _advise_will_need(paths: list[Path]) -> None:

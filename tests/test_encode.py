@@ -177,13 +177,26 @@ def test_next_batch_is_read_ahead_while_this_one_is_scored(pc, monkeypatch, name
 
 
 def test_read_ahead_reads_whole_files_and_ignores_missing_ones(tmp_path, monkeypatch):
+    """Each file is passed through whole (sendfile to /dev/null, or reads where that fails); a missing file
+    and a directory are skipped without an error; with one CPU the kernel is advised instead."""
     import parallelcomp_triton.encode as encode
 
     data = os.urandom(3 * 1000 + 17)
     (tmp_path / "a").write_bytes(data)
-    reads = []
+    paths = [tmp_path / "missing", tmp_path / "a", tmp_path]
+    sent, reads = [], []
+    real_sendfile = os.sendfile
 
-    class Spy:
+    def sendfile(out, fd, offset, count):
+        n = real_sendfile(out, fd, offset, count)
+        sent.append((offset, n))
+        return n
+
+    monkeypatch.setattr(encode.os, "sendfile", sendfile)
+    encode._read_through(paths, block=1000)
+    assert [o for o, _ in sent] == [0, 1000, 2000, 3000] and sum(n for _, n in sent) == len(data)
+
+    class Spy:  # the fallback: reads
         def __init__(self, path, mode, buffering):
             self.f = open(path, mode, buffering=buffering)
 
@@ -193,14 +206,21 @@ def test_read_ahead_reads_whole_files_and_ignores_missing_ones(tmp_path, monkeyp
         def __exit__(self, *exc):
             self.f.close()
 
+        def fileno(self):
+            return self.f.fileno()
+
         def readinto(self, buf):
             n = self.f.readinto(buf)
             reads.append(n)
             return n
 
+    def no_sendfile(*args):
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(encode.os, "sendfile", no_sendfile)
     monkeypatch.setattr(encode, "open", Spy, raising=False)
-    encode._read_through([tmp_path / "missing", tmp_path / "a", tmp_path], block=1000)
-    assert sum(reads) == len(data) and reads[-1] == 0  # read to the end; the missing file and the directory skipped
+    encode._read_through(paths, block=1000)
+    assert sum(reads) == len(data) and reads[-1] == 0
     encode._advise_will_need([tmp_path / "missing", tmp_path / "a"])  # advice: a missing file is no error
     # With one CPU there is no core to read on: the kernel is advised instead, no thread started.
     monkeypatch.setattr(encode.os, "sched_getaffinity", lambda pid: {0}, raising=False)
