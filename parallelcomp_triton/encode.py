@@ -332,10 +332,10 @@ def read_ahead(paths: list[Path]) -> None:
 
 
 def _read_through(paths: list[Path], block: int = 1 << 22) -> None:
-    """Bring each file into the page cache. Linux: sendfile to /dev/null, which pulls the pages in (reading
-    the disk where needed) without copying them anywhere, so a cached file costs page lookups, not a pass
-    of its bytes through the CPU caches the scoring uses. Elsewhere, or if that fails: read into one reused
-    buffer. Both release the GIL. Errors are left to the load."""
+    """Bring each file into the page cache: sendfile to /dev/null where the OS has it (the pages are pulled
+    in, reading the disk where needed, and copied nowhere, so a cached file costs page lookups, not a pass of
+    its bytes through the CPU caches the scoring uses), reads into one reused buffer otherwise. Both release
+    the GIL. Errors are left to the load."""
     try:
         sink = os.open(os.devnull, os.O_WRONLY)
     except OSError:
@@ -344,25 +344,31 @@ def _read_through(paths: list[Path], block: int = 1 << 22) -> None:
         for path in paths:
             try:
                 with open(path, "rb", buffering=0) as f:
-                    if sink is not None and hasattr(os, "sendfile"):
-                        try:
-                            size, offset = os.fstat(f.fileno()).st_size, 0
-                            while offset < size:
-                                sent = os.sendfile(sink, f.fileno(), offset, min(block, size - offset))
-                                if sent <= 0:
-                                    break
-                                offset += sent
-                            continue
-                        except OSError:
-                            pass  # no sendfile to this sink here: read instead
-                    buf = bytearray(block)
-                    while f.readinto(buf):
-                        pass
+                    if sink is None or not _send_whole(f.fileno(), sink, block):
+                        buf = bytearray(block)
+                        while f.readinto(buf):
+                            pass
             except OSError:
                 pass
     finally:
         if sink is not None:
             os.close(sink)
+
+
+def _send_whole(fd: int, sink: int, block: int) -> bool:
+    """sendfile all of `fd` to `sink`; False where sendfile is missing or refuses the pair."""
+    if not hasattr(os, "sendfile"):
+        return False
+    size, offset = os.fstat(fd).st_size, 0
+    try:
+        while offset < size:
+            sent = os.sendfile(sink, fd, offset, min(block, size - offset))
+            if sent <= 0:
+                break
+            offset += sent
+    except OSError:
+        return False
+    return True
 
 
 def _advise_will_need(paths: list[Path]) -> None:
