@@ -9,7 +9,6 @@ tree. Reports the median seconds per variant and whether every variant gave the 
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import importlib.util
 import inspect
@@ -20,6 +19,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from _followup_case import niah_encoding, parser
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,18 +41,13 @@ def module_at(rev: str, path: str, name: str):
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tokens", type=int, default=128000)
+    p = parser(__doc__)
     p.add_argument("--base", required=True, help="commit whose scoring is compared with the working tree's")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--encoding", default=None, help="encoding directory to keep and reuse (default: a temporary one)")
     p.add_argument("--out", default="results/followup_ab.json")
     args = p.parse_args()
 
     import parallelcomp_triton.pipeline as pipeline
     import parallelcomp_triton.score as score
-    from parallelcomp_triton import ParallelComp, ParallelCompConfig
-    from parallelcomp_triton.tasks import niah_case
 
     ca = importlib.import_module("parallelcomp_triton.kernels.chunk_attention")
     old_score = module_at(args.base, "parallelcomp_triton/score.py", "parallelcomp_triton._score_base")
@@ -67,13 +63,7 @@ def main() -> int:
                 "score_chunks only": (score.score_chunks, old_ca._torch_few_rows_batched),
                 "working tree": (score.score_chunks, ca._torch_few_rows_batched)}
 
-    pc = ParallelComp.from_pretrained(None)
-    cfg = ParallelCompConfig(max_new_tokens=12)
-    case = niah_case(pc.tokenizer, args.tokens, depth=0.4, seed=5, question="natural")
-    if args.encoding and os.path.exists(os.path.join(args.encoding, "meta.json")):
-        encoded = pc.load_encoded(args.encoding)
-    else:
-        encoded = pc.encode(case.context, config=cfg, path=args.encoding)
+    pc, cfg, case, encoded = niah_encoding(args.tokens, args.encoding, "followup-ab-")
     times = {v: [] for v in variants}
     answers = set()
     restore = pipeline.score_chunks, ca._torch_few_rows_batched

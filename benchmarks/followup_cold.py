@@ -12,15 +12,15 @@ variant gave the same tokens; never asserts.
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
 import resource
 import statistics
 import sys
-import tempfile
 import time
+
+from _followup_case import niah_encoding, parser
 
 
 def drop_from_page_cache(path: str) -> None:
@@ -33,25 +33,14 @@ def drop_from_page_cache(path: str) -> None:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tokens", type=int, default=128000)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--encoding", default=None, help="encoding directory to keep and reuse (default: a temporary one)")
+    p = parser(__doc__)
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
-    from parallelcomp_triton import ParallelComp, ParallelCompConfig
     import parallelcomp_triton.pipeline as pipeline
-    from parallelcomp_triton.tasks import niah_case
 
-    pc = ParallelComp.from_pretrained(None)
-    cfg = ParallelCompConfig(max_new_tokens=12)
-    case = niah_case(pc.tokenizer, args.tokens, depth=0.4, seed=5, question="natural")
-    path = args.encoding or os.path.join(tempfile.mkdtemp(prefix="followup-cold-"), "enc")
-    if os.path.exists(os.path.join(path, "meta.json")):
-        encoded = pc.load_encoded(path)
-    else:
-        encoded = pc.encode(case.context, config=cfg, path=path)
+    pc, cfg, case, encoded = niah_encoding(args.tokens, args.encoding, "followup-cold-")
+    path = str(encoded.path)
     read_ahead = pipeline.read_ahead
 
     pc.generate(encoded, case.question, config=cfg)  # page the encoding in

@@ -10,12 +10,13 @@ total and the seconds in reading the chunks' K/V, `score_chunks`, its attention 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 import sys
 import time
+
+from _followup_case import niah_encoding, parser
 
 
 class _NoOpObserver:
@@ -26,28 +27,14 @@ class _NoOpObserver:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tokens", type=int, default=128000)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--encoding", default=None, help="encoding directory to keep and reuse (default: a temporary one)")
+    p = parser(__doc__)
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
-    import tempfile
-
     import parallelcomp_triton.pipeline as pipeline
     import parallelcomp_triton.score as score
-    from parallelcomp_triton import ParallelComp, ParallelCompConfig
-    from parallelcomp_triton.tasks import niah_case
 
-    pc = ParallelComp.from_pretrained(None)
-    cfg = ParallelCompConfig(max_new_tokens=12)
-    case = niah_case(pc.tokenizer, args.tokens, depth=0.4, seed=5, question="natural")
-    path = args.encoding or os.path.join(tempfile.mkdtemp(prefix="followup-stages-"), "enc")
-    if os.path.exists(os.path.join(path, "meta.json")):
-        encoded = pc.load_encoded(path)
-    else:
-        encoded = pc.encode(case.context, config=cfg, path=path)
+    pc, cfg, case, encoded = niah_encoding(args.tokens, args.encoding, "followup-stages-")
 
     acc: dict[str, float] = {}
 
