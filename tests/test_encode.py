@@ -240,9 +240,17 @@ def test_read_ahead_drops_a_job_that_has_not_started_when_the_next_comes(tmp_pat
     monkeypatch.setattr(encode.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     monkeypatch.setattr(encode, "_READER", None)
     monkeypatch.setattr(encode, "_QUEUED", [])
-    gate, read = threading.Event(), []
-    monkeypatch.setattr(encode, "_read_through", lambda paths: gate.wait(10) and read.append(paths))
-    for name in "abcd":
+    started, gate, read = threading.Event(), threading.Event(), []
+
+    def read_through(paths):
+        started.set()
+        gate.wait(10)
+        read.append(paths)
+
+    monkeypatch.setattr(encode, "_read_through", read_through)
+    encode.read_ahead([tmp_path / "a"])
+    assert started.wait(10)
+    for name in "bcd":
         encode.read_ahead([tmp_path / name])
     gate.set()
     encode._READER.shutdown(wait=True)
