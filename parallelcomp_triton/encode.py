@@ -340,12 +340,13 @@ def _read_through(paths: list[Path], block: int = 1 << 22) -> None:
         sink = os.open(os.devnull, os.O_WRONLY)
     except OSError:
         sink = None
+    buf = None
     try:
         for path in paths:
             try:
                 with open(path, "rb", buffering=0) as f:
                     if sink is None or not _send_whole(f.fileno(), sink, block):
-                        buf = bytearray(block)
+                        buf = buf or bytearray(block)
                         while f.readinto(buf):
                             pass
             except OSError:

@@ -67,6 +67,10 @@ class Document:
     encoded: EncodedDocument | None = None  # where the chunks' K/V are read from (None: encoded on the fly)
     chunk_ids: list[int] | None = None      # generate_from_chunks: the encoding's index of each chunk
 
+    def stored_chunk(self, c: int) -> int:
+        """The encoding's index of this document's chunk c."""
+        return self.chunk_ids[c] if self.chunk_ids else c
+
 
 def _peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
@@ -417,7 +421,7 @@ class ParallelComp:
         for first in range(0, len(work), cfg.batch_chunks):
             batch = work[first:first + cfg.batch_chunks]
             # The next batch's stored K/V is read on another core while this one is scored.
-            self.prefetch(docs, work[first + cfg.batch_chunks:first + 2 * cfg.batch_chunks])
+            self.read_ahead_chunks(docs, work[first + cfg.batch_chunks:first + 2 * cfg.batch_chunks])
             kvs = self.chunk_kv(docs, batch)
             if append_question:
                 items = []
@@ -462,10 +466,9 @@ class ParallelComp:
             bar.close()
 
     @staticmethod
-    def prefetch(docs: list[Document], batch: list[tuple[int, int]]) -> None:
+    def read_ahead_chunks(docs: list[Document], batch: list[tuple[int, int]]) -> None:
         """Start reading the stored K/V of the encoded chunks in `batch` (the next one) in the background."""
-        paths = [docs[d].encoded.chunk_path(docs[d].chunk_ids[c] if docs[d].chunk_ids else c)
-                 for d, c in batch if docs[d].encoded is not None]
+        paths = [docs[d].encoded.chunk_path(docs[d].stored_chunk(c)) for d, c in batch if docs[d].encoded is not None]
         if paths:
             read_ahead(paths)
 
@@ -494,7 +497,7 @@ class ParallelComp:
             if doc.encoded is not None:
                 if doc.toks.prefix and doc.prefix_keys[0] is None:
                     doc.prefix_keys, doc.prefix_values = doc.encoded.load_prefix(self.device)
-                out[i] = doc.encoded.load_chunk(doc.chunk_ids[c] if doc.chunk_ids else c, self.device)
+                out[i] = doc.encoded.load_chunk(doc.stored_chunk(c), self.device)
         return out
 
     def _question_pass(self, cfg, cache: CompressedKVCache, row: int, suffix: list[int], p0: int, stats,
