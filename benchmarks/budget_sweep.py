@@ -19,11 +19,6 @@ import time
 
 
 def main() -> int:
-    from parallelcomp_triton import ParallelComp, ParallelCompConfig
-    from parallelcomp_triton.eval import evaluate
-    from parallelcomp_triton.run import _budget
-
-    d = ParallelCompConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--task", choices=("passkey", "niah"), default="niah")
     p.add_argument("--tokens", type=int, default=16000)
@@ -32,8 +27,15 @@ def main() -> int:
     p.add_argument("--keeps", default="1,3,5", help="K values (with the default B)")
     p.add_argument("--out", default="results/budget.json")
     args = p.parse_args()
+
+    from parallelcomp_triton import ParallelComp, ParallelCompConfig
+    from parallelcomp_triton.cli import int_or_none
+    from parallelcomp_triton.evaluate import evaluate
+
+    d = ParallelCompConfig()
     depths = [float(x) for x in args.depths.split(",")]
-    points = [(_budget(b.strip()), d.keep_chunks) for b in args.budgets.split(",")]
+    budget_type = int_or_none("none")
+    points = [(budget_type(b.strip()), d.keep_chunks) for b in args.budgets.split(",")]
     points += [(d.kv_budget, int(k)) for k in args.keeps.split(",")]
     points = list(dict.fromkeys(points))
 

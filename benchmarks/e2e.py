@@ -121,10 +121,10 @@ def run_one(method: str, tokens: int, max_new: int, breakdown: bool = False, chu
     if method in ("parallelcomp", "truncate"):
         res = pc.generate(doc, QUESTION, config=cfg)
         st = res.stats
-        out.update(prefill_s=st["time_prefill_s"], question_s=st["time_question_s"],
-                   decode_ms_per_token=st["decode_ms_per_token"], new_tokens=st["new_tokens"],
-                   kv_cache_bytes=st["kv_cache_bytes"], document_tokens=st["document_tokens"],
-                   chunks=len(st["chunk_spans"]), answer=res.text,
+        out.update(prefill_s=st.time_prefill_s, question_s=st.time_question_s,
+                   decode_ms_per_token=st.decode_ms_per_token, new_tokens=st.new_tokens,
+                   kv_cache_bytes=st.kv_cache_bytes, document_tokens=st.document_tokens,
+                   chunks=len(st.chunk_spans), answer=res.text,
                    peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         if breakdown:
             # A second prefill of the same document under torch.profiler (the timed one above runs without it).

@@ -1,7 +1,7 @@
 """Triton kernels for ParallelComp, installed as parallelcomp_triton.kernels.
 
 Each family has a Triton kernel, a fast PyTorch path and a naive reference; the public functions
-below choose between the first two through `_backend.resolve_backend` (the one dispatch point).
+below choose between the first two through `dispatch.resolve_backend` (the one dispatch point).
 """
 if __name__ == "kernels":
     # Imported as a top-level `kernels`: the repository root is on sys.path (`python -m`, `-c`, `-`,
@@ -24,14 +24,14 @@ if __name__ == "kernels":
     else:
         # Not installed: become what Python makes of a stray folder without code, an empty namespace
         # package (no __file__, no version, no submodules), which transformers' availability check reads
-        # as "not installed". Raising ModuleNotFoundError instead broke `import transformers` in the
-        # repository root wherever transformers does not pull the package in (5.17 on a GPU image): it finds
-        # `kernels` on sys.path, finds no metadata, and imports it unguarded.
+        # as "not installed". Raising ModuleNotFoundError instead would break `import transformers` in the
+        # repository root wherever transformers does not pull the package in: it finds `kernels` on
+        # sys.path, finds no metadata, and imports it unguarded.
         __file__ = None
         __path__ = []
         del importlib, os, sys, _root, _path, _spec
 else:
-    from ._backend import resolve_backend, triton_interpret_enabled
+    from .dispatch import resolve_backend, triton_interpret_enabled
     from .chunk_attention import chunk_attention
     from .decode_attention import decode_attention
     from .select_kv import gather_kv, select_kv

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from parallelcomp_triton.kernels._backend import resolve_backend, triton_interpret_enabled
+from parallelcomp_triton.kernels.dispatch import resolve_backend, triton_interpret_enabled
 
 SCORE_REDUCTIONS = ("sum", "mean", "max", "none")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -627,7 +627,7 @@ def _torch_few_rows_batched(q, k, v, k_starts, k_lens, seq_len_q, causal, scale,
     sequence's keys in per_head [total_k, H] (or None), all from one fp32 softmax per block of sequences,
     keys padded to the block's longest. This is the question-suffix scoring shape (a few rows over each
     chunk's ~1K keys): one batched product replaces a masked SDPA call per sequence plus the window-score
-    recomputation, where per-call overhead, not arithmetic, dominated."""
+    recomputation, where per-call overhead, not arithmetic, dominates."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k.shape[1]
     group = num_heads // num_kv_heads
@@ -651,8 +651,8 @@ def _torch_few_rows_batched(q, k, v, k_starts, k_lens, seq_len_q, causal, scale,
         qb = (q[b0 * seq_len_q:b1 * seq_len_q].reshape(nb, seq_len_q, num_kv_heads, group, head_dim)
               .permute(2, 0, 3, 1, 4).reshape(num_kv_heads, nb, rows, head_dim).float() * scale)
         # Each sequence's keys copied into its zero-padded slot, K converted to fp32 in the same pass (one
-        # pass over K and one over V; a gather and a separate conversion were two over K). The padding is
-        # masked below; zeros keep 0 * V finite.
+        # pass over K and one over V; a gather and a separate conversion would take two over K). The padding
+        # is masked below; zeros keep 0 * V finite.
         # P @ V in the input precision (P rounded to it, fp32 accumulation), as FlashAttention-2 does:
         # half the fp32 GEMM work; the logits, softmax, lse and window scores stay fp32.
         kt, vt = k.transpose(0, 1), v.transpose(0, 1)  # [H_kv, total_k, d]

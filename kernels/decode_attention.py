@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from parallelcomp_triton.errors import ParallelCompError
-from parallelcomp_triton.kernels._backend import resolve_backend, triton_interpret_enabled
+from parallelcomp_triton.kernels.dispatch import resolve_backend, triton_interpret_enabled
 
 LOG2E = 1.4426950408889634
 SPLIT_MIN_KEYS = 256

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 
-from parallelcomp_triton.kernels._backend import triton_interpret_enabled
+from parallelcomp_triton.kernels.dispatch import triton_interpret_enabled
 
 FAMILIES = ("select_kv", "decode_attention", "chunk_attention")
 DEFAULT_TARGETS = (80, 90)

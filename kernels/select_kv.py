@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from parallelcomp_triton.errors import ParallelCompError
-from parallelcomp_triton.kernels._backend import resolve_backend, triton_interpret_enabled
+from parallelcomp_triton.kernels.dispatch import resolve_backend, triton_interpret_enabled
 
 # Keys a select program streams per tile: 512 keys x 8 warps = 2 keys per thread, x 16 radix digits
 # in the counting passes. The interpreter pays per tile, not per key, so it takes 1024.

@@ -1,9 +1,24 @@
-"""KV caches at KV-head granularity: per-chunk compressed caches and the merged cache decoding runs on."""
+"""KV caches at KV-head granularity: a chunk's full K/V, per-chunk compressed caches, and the merged cache
+decoding runs on."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
+
+
+@dataclass
+class ChunkKV:
+    """One chunk's full K/V for every layer, keys[l] / values[l] [H_kv, n, d], and the final (normed) hidden
+    state of its last token [hidden], which the question's first token is predicted from."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    hidden: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[1]
 
 
 @dataclass

@@ -62,7 +62,8 @@ class ParallelCompConfig:
     # Prompt: the template holds {context} and {question}; what precedes {context} is the shared prefix
     # encoded once, what follows it (with the question filled in) is appended to every chunk.
     # "auto": the tokenizer's chat template when it has one (natural questions are answered with it on the
-    # bundled model, plain text ends the turn at once: BENCHMARKS.md, #15), plain text otherwise.
+    # bundled model, plain text ends the turn at once: BENCHMARKS.md, "Questions as people write them"),
+    # plain text otherwise.
     template: str = "auto"
     instruction: str = ""  # task text placed before the document, inside the shared prefix
     prompt: str | None = None  # a full template; overrides `template` and `instruction` when given
@@ -80,11 +81,11 @@ class ParallelCompConfig:
     keep_chunks: int = 3
     # Which suffix tokens the NLL averages: "question" = the question's own tokens; "suffix" = all of them
     # (the template's separator, the question, anything after it), as upstream does. The separator's NLL
-    # measures how the chunk happens to end, not what it holds: it cost two NIAH needles their place
-    # (BENCHMARKS.md, "With the package defaults").
+    # measures how the chunk happens to end, not what it holds, and can rank the chunk holding the answer
+    # out (BENCHMARKS.md, "With the package defaults").
     score_tokens: str = "question"
     # Parallel KV-cache eviction: B context tokens per chunk, layer and KV head (None: keep all). 512 of
-    # 1024: replaying 29 accuracy cases at their kept chunks, 512 found 25, 768 and all 24 each
+    # 1024: it retrieves at least as well as larger budgets or keeping every key, at half the cache
     # (BENCHMARKS.md, "KV budget B and chunk count K").
     kv_budget: int | None = 512
     # w: the question's last w tokens (and any template text after them, such as a chat turn's end) score
@@ -92,9 +93,8 @@ class ParallelCompConfig:
     score_window: int = 8
     # Each key is ranked by the highest window score within pool_kernel // 2 positions of it, so the
     # neighbours of a peak are kept with it. 15, not SnapKV's 7: the scores peak on the words the question
-    # repeats, and the answer follows them; at 7 the last digits of a 6-digit number fell outside every kept
-    # run in two NIAH cue cases (64K, 128K), at 11 in one natural-question case (64K), at 15 in none
-    # (BENCHMARKS.md, "Questions as people write them").
+    # repeats, and the answer follows them; narrower pools leave the last digits of a long number outside
+    # every kept run (BENCHMARKS.md, "Questions as people write them").
     pool_kernel: int = 15
     gqa_reduce: str = "max"
     calibration: Calibration | None = None

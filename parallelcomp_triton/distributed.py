@@ -5,7 +5,7 @@
 Every rank holds the whole model. The chunks of each document are split into contiguous shares, one per
 rank (sizes differ by at most one, the larger shares first, so rank 0 always owns chunk 0 and with it the
 shared prompt prefix's KV). Each rank prefills and compresses its share exactly as one process would
-(`ParallelComp.prefill`) and keeps its own K best chunks per document: the global K best are among the
+(`score.prefill`) and keeps its own K best chunks per document: the global K best are among the
 ranks' local K best, so nothing else has to move. Then:
 
 1. all-gather of (document, chunk, question NLL) of every rank's local K best, and of every chunk's NLL
@@ -13,7 +13,7 @@ ranks' local K best, so nothing else has to move. Then:
 2. each owner sends those compressed caches to rank 0 (`dist.send`: one [2 * layers, H_kv, n, d] K/V
    tensor per chunk, plus one [layers, H_kv, n] int32 tensor of kept positions when KV eviction is on);
    rank 0 knows every shape from the chunk spans, so no metadata travels;
-3. rank 0 merges, runs the question pass and decodes (`ParallelComp.answer`); the other ranks are done.
+3. rank 0 merges, runs the question pass and decodes (`answer.answer`); the other ranks are done.
 
 Encoded documents (`encode_distributed`, `--save-encoding` / `--encoding` with `--distributed`): each rank
 encodes its share of the chunks and writes their files into one directory, which every rank must see;
@@ -33,10 +33,14 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from . import answer
 from .cache import ChunkCache
-from .encode import AtomicDir, EncodedDocument, encoding_meta, progress_bar, write_chunks
+from .encode import ChunkSource, progress_bar, write_chunks
 from .errors import ParallelCompError
-from .pipeline import Document, ParallelComp, _nan_last
+from .pipeline import ParallelComp
+from .plan import Plan
+from .score import keep_best, prefill
+from .storage import AtomicDir, EncodedDocument, encoding_meta
 
 
 @dataclass
@@ -108,15 +112,15 @@ def _send_chunk(cache: ChunkCache, dst: int) -> int:
     return sent
 
 
-def _recv_chunk(pc: ParallelComp, doc: Document, chunk: int, nll: float, src: int) -> ChunkCache:
+def _recv_chunk(pc: ParallelComp, plan: Plan, chunk: int, nll: float, src: int) -> ChunkCache:
     a = pc.args
-    s, e = doc.spans[chunk]
-    n = min(doc.budget, e - s) if doc.budget is not None else e - s
+    s, e = plan.spans[chunk]
+    n = min(plan.budget, e - s) if plan.budget is not None else e - s
     weight = pc.model.embed_tokens.weight
     kv = torch.empty(2 * a.num_layers, a.num_kv_heads, n, a.head_dim, dtype=weight.dtype, device=weight.device)
     dist.recv(kv, src)
     positions = None
-    if doc.budget is not None:
+    if plan.budget is not None:
         positions = torch.empty(a.num_layers, a.num_kv_heads, n, dtype=torch.int32, device=weight.device)
         dist.recv(positions, src)
         positions = list(positions.unbind(0))
@@ -132,36 +136,35 @@ def generate_distributed(pc: ParallelComp, ctx: DistContext, pairs, max_new_toke
     with the same arguments. Rank 0 gets the results; the other ranks get a list of the same length with
     None for answered pairs (and the ParallelCompError of bad pairs when `return_errors`)."""
     cfg = pc.resolve_config(config, max_new_tokens)
-    prepared = pc.prepare_all(cfg, pairs, return_errors)
-    docs = [d for d in prepared if isinstance(d, Document)]
-    if not docs:
-        return prepared
+    planned = pc.plan_all(pairs, cfg, return_errors)
+    plans = [p for p in planned if isinstance(p, Plan)]
+    if not plans:
+        return planned
     rank, world = ctx.rank, ctx.world_size
-    shares = [chunk_shares(len(doc.spans), world) for doc in docs]
+    shares = [chunk_shares(len(plan.spans), world) for plan in plans]
 
     t = time.perf_counter()
-    work = [(d, c) for d in range(len(docs)) for c in shares[d][rank]]
-    pc.prefill(cfg, docs, work, progress=progress)
+    work = [(d, c) for d in range(len(plans)) for c in shares[d][rank]]
+    states = prefill(pc.model, cfg, plans, work, pc.backend, pc.read_ahead, progress)
     prefill_s = time.perf_counter() - t
 
     # 1. Agree on the K best chunks of every document.
     t_exchange = time.perf_counter()
-    local = {"kept": [(d, c.index, c.nll) for d, doc in enumerate(docs) for c in doc.kept],
-             "nll": [(d, c, docs[d].nll[c]) for d, c in work], "chunks": len(work), "prefill_s": prefill_s}
+    local = {"kept": [(d, c.index, c.nll) for d, state in enumerate(states) for c in state.kept],
+             "nll": [(d, c, states[d].nll[c]) for d, c in work], "chunks": len(work), "prefill_s": prefill_s}
     score_bytes = len(pickle.dumps(local))
     gathered: list = [None] * world
     dist.all_gather_object(gathered, local)
     winners: list[list[tuple[int, float]]] = []  # per document: (chunk, nll), document order
-    for d, doc in enumerate(docs):
+    for d, plan in enumerate(plans):
         candidates = [(c, nll) for part in gathered for dd, c, nll in part["kept"] if dd == d]
-        best = sorted(candidates, key=lambda x: (_nan_last(x[1]), x[0]))[:doc.keep]
-        winners.append(sorted(best))
+        winners.append(sorted(keep_best(candidates, plan.keep, nll_of=lambda x: x[1], index_of=lambda x: x[0])))
 
     # 2. The owners send the winners' caches to rank 0, in one agreed order (document, chunk).
     kv_bytes = 0
     received: dict[tuple[int, int], ChunkCache] = {}
-    for d, doc in enumerate(docs):
-        mine = {c.index: c for c in doc.kept}
+    for d, plan in enumerate(plans):
+        mine = {c.index: c for c in states[d].kept}
         for c, nll in winners[d]:
             owner = _owner(shares[d], c)
             if owner == 0:
@@ -169,26 +172,26 @@ def generate_distributed(pc: ParallelComp, ctx: DistContext, pairs, max_new_toke
             if rank == owner:
                 kv_bytes += _send_chunk(mine[c], dst=0)
             elif rank == 0:
-                received[(d, c)] = _recv_chunk(pc, doc, c, nll, src=owner)
+                received[(d, c)] = _recv_chunk(pc, plan, c, nll, src=owner)
     sent: list = [None] * world
     dist.all_gather_object(sent, {"kv_bytes": kv_bytes, "score_bytes": score_bytes})
     if rank != 0:
-        return [None if isinstance(d, Document) else d for d in prepared]
+        return [None if isinstance(p, Plan) else p for p in planned]
 
     # 3. Rank 0: the global K best per document, every chunk's NLL, then merge, question pass and decoding.
-    mine = [{c.index: c for c in doc.kept} for doc in docs]
-    for d, doc in enumerate(docs):
-        doc.kept = [mine[d][c] if (d, c) not in received else received[(d, c)] for c, _ in winners[d]]
+    for d, state in enumerate(states):
+        mine = {c.index: c for c in state.kept}
+        state.kept = [mine[c] if (d, c) not in received else received[(d, c)] for c, _ in winners[d]]
         for part in gathered:
             for dd, c, nll in part["nll"]:
                 if dd == d:
-                    doc.nll[c] = nll
+                    state.nll[c] = nll
     exchange_s = time.perf_counter() - t_exchange
-    cache = pc.new_cache(docs)
-    for row, doc in enumerate(docs):
-        pc.merge_document(cache, row, doc)
-        doc.stats["time_prefill_s"] = time.perf_counter() - t
-        doc.stats["distributed"] = {
+    cache = answer.new_cache(pc.model, plans)
+    for row, (plan, state) in enumerate(zip(plans, states)):
+        answer.merge(cache, row, plan, state)
+        plan.stats.time_prefill_s = time.perf_counter() - t
+        plan.stats.distributed = {
             "world_size": world, "backend": ctx.backend,
             "chunks_per_rank": [part["chunks"] for part in gathered],
             "prefill_s_per_rank": [round(part["prefill_s"], 4) for part in gathered],
@@ -197,8 +200,8 @@ def generate_distributed(pc: ParallelComp, ctx: DistContext, pairs, max_new_toke
             "kv_bytes_sent_per_rank": [s["kv_bytes"] for s in sent],
             "score_bytes_sent_per_rank": [s["score_bytes"] for s in sent],
         }
-    answers = iter(pc.answer(cfg, docs, cache))
-    return [next(answers) if isinstance(d, Document) else d for d in prepared]
+    answers = iter(answer.answer(pc.model, pc.tokenizer, cfg, plans, states, cache, pc.eos_ids(), pc.backend))
+    return [next(answers) if isinstance(p, Plan) else p for p in planned]
 
 
 def on_every_rank(ctx: DistContext, fn, *args):
@@ -241,9 +244,10 @@ def encode_distributed(pc: ParallelComp, ctx: DistContext, context: str, path, c
         return AtomicDir.join(path, tmp)
 
     def write(writer: AtomicDir) -> None:
-        bar = progress_bar(len(share), progress)
+        bar = progress_bar(len(share), "encoding", progress)
         try:
-            write_chunks(writer, pc.model, prefix, document, spans, settings["batch_chunks"], share, pc.backend, bar)
+            write_chunks(writer, pc.model, ChunkSource(prefix, document, tuple(spans)), settings["batch_chunks"],
+                         share, pc.backend, bar)
         except OSError as e:  # a full or read-only disk on this rank
             raise ParallelCompError(f"{path}: cannot write ({e.strerror or e})") from None
         finally:

@@ -1,59 +1,39 @@
-"""The question-independent stage: every chunk's full K/V, and encoded documents on disk.
+"""Stage 2, chunk encoding: every chunk's full K/V, which does not depend on the question.
 
 Attention is causal and the question comes after the chunk, so a chunk's own K/V (and the shared prompt
-prefix's) do not depend on the question. `encode_chunks` computes them for a batch of chunks in one packed
-varlen causal pass over prefix + chunk (no question); `score.score_chunks` then runs only the question's
-rows over them. A fresh `generate` calls the two back to back per prefill batch; an `EncodedDocument`
-stores what `encode_chunks` returned, so later questions run `score_chunks` alone.
-
-On disk an encoding is a directory:
-
-    meta.json                  settings that shaped it (format version, model identity, dtype, template
-                               prefix tokens, document tokens, chunk spans, chunking settings), written last
-    prefix.safetensors         k.{layer}, v.{layer} [H_kv, p, d] of the shared prompt prefix (once)
-    chunk_00012.safetensors    k.{layer}, v.{layer} [H_kv, n, d] of chunk 12, and `hidden` [hidden size]:
-                               the final hidden state of its last token (it predicts the question's first token)
-
-It is written into a sibling temporary directory, every file fsynced, meta.json last, then renamed into
-place, so a directory that is there is complete; one without meta.json is refused. Loading checks the
-format version, the model, dtype and file sizes and headers (not every byte: a bit flipped inside a tensor
-is not detected), and chunk files are memory-mapped and read one prefill batch at a time.
+prefix's) are the same for every question. `encode_chunks` computes them for a batch of chunks in one packed
+varlen causal pass over prefix + chunk; `chunk_batches` is the one loop that batches chunks for it (or reads
+them from an encoding), used by fresh answers, by `write_encoding` and by every distributed rank, so that a
+chunk is always computed in the same company and encoded answers equal fresh ones.
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
-import os
 import shutil
 import tempfile
-import weakref
 from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
 
 import torch
 
-from .errors import ParallelCompError
+from .cache import ChunkKV
 from .kernels.chunk_attention import chunk_attention
-
-FORMAT = "parallelcomp-encoding"
-VERSION = 1
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from .read_ahead import ReadAhead
+from .storage import AtomicDir, EncodedDocument, encoding_meta
 
 
-@dataclass
-class ChunkKV:
-    """One chunk's full K/V for every layer, keys[l] / values[l] [H_kv, n, d], and the final (normed) hidden
-    state of its last token [hidden], which the question's first token is predicted from."""
+@dataclass(frozen=True)
+class ChunkSource:
+    """Where a document's chunks come from: its tokens cut at `spans`, or its encoding."""
 
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-    hidden: torch.Tensor
+    prefix: list[int]                    # the shared prompt prefix (encoded once per document)
+    document: list[int]
+    spans: tuple[tuple[int, int], ...]
+    encoded: EncodedDocument | None = None
+    chunk_ids: tuple[int, ...] | None = None  # the encoding's index of each span (None: the same index)
 
-    @property
-    def length(self) -> int:
-        return self.keys[0].shape[1]
+    def stored_chunk(self, c: int) -> int:
+        return self.chunk_ids[c] if self.chunk_ids else c
 
 
 @torch.no_grad()
@@ -97,62 +77,91 @@ def encode_chunks(model, seqs: list[tuple[list[int], list[int]]], capture_prefix
     return [ChunkKV(k, v, h) for k, v, h in zip(keys, values, hidden.unbind(0))], prefixes
 
 
-def encoding_meta(model, tokenizer, source: str, prefix: list[int], document: list[int],
-                  spans: list[tuple[int, int]], settings: dict) -> dict:
-    """meta.json of an encoding (without its file list): model identity, dtype, shapes, the settings that
-    shaped it (`settings`: config fields; `batch_chunks` kept apart), prefix and document tokens, spans."""
-    a = model.args
-    return {"format": FORMAT, "version": VERSION, "model": model_identity(model, tokenizer), "model_source": source,
-            "dtype": dtype_name(model.embed_tokens.weight.dtype), "num_layers": a.num_layers,
-            "num_kv_heads": a.num_kv_heads, "head_dim": a.head_dim, "hidden_size": a.hidden_size,
-            "settings": {k: v for k, v in settings.items() if k != "batch_chunks"},
-            "batch_chunks": settings["batch_chunks"], "prefix": prefix, "document": document,
-            "spans": [list(s) for s in spans]}
 
 
-def write_chunks(writer: "AtomicDir", model, prefix: list[int], document: list[int], spans: list[tuple[int, int]],
-                 batch_chunks: int, chunks: range, backend: str = "auto", bar=None) -> None:
-    """Encode the chunks `chunks` (`encode_chunks`, `batch_chunks` at a time from the first, as the fresh
-    prefill batches them) and write each one's file into `writer`, and the prefix's with chunk 0."""
-    for first in range(chunks.start, chunks.stop, batch_chunks):
-        batch = range(first, min(first + batch_chunks, chunks.stop))
-        seqs = [(prefix, document[spans[c][0]:spans[c][1]]) for c in batch]
-        kvs, prefixes = encode_chunks(model, seqs, [bool(prefix) and c == 0 for c in batch], backend)
-        if prefixes[0] is not None:
-            keys, values = prefixes[0]
-            writer.save_tensors("prefix.safetensors", {**{f"k.{l}": t for l, t in enumerate(keys)},
-                                                       **{f"v.{l}": t for l, t in enumerate(values)}})
-        for c, kv in zip(batch, kvs):
-            writer.save_tensors(chunk_file(c), {**{f"k.{l}": t for l, t in enumerate(kv.keys)},
-                                                **{f"v.{l}": t for l, t in enumerate(kv.values)},
-                                                "hidden": kv.hidden})
+def chunk_batches(model, sources: list[ChunkSource], work: list[tuple[int, int]], batch_chunks: int,
+                  backend: str = "auto", read_ahead: ReadAhead | None = None):
+    """Yield (batch, K/V per chunk, new prefixes) for the chunks `work` = [(source, chunk)], `batch_chunks`
+    at a time in order: one packed `encode_chunks` pass over the batch's chunks of plain documents, a read of
+    the others' from their encoding. `new prefixes` maps a source to its prefix K/V (keys, values per layer)
+    the first time one of its chunks comes by. With `read_ahead`, the next batch's stored chunks are read in
+    the background while the caller works on this one. The caller should drop each batch's K/V before
+    asking for the next, so that one batch is alive at a time."""
+    device = model.embed_tokens.weight.device
+    seen: set[int] = set()
+    for first in range(0, len(work), batch_chunks):
+        batch = work[first:first + batch_chunks]
+        if read_ahead is not None:
+            ahead = work[first + batch_chunks:first + 2 * batch_chunks]
+            paths = [sources[d].encoded.chunk_path(sources[d].stored_chunk(c)) for d, c in ahead
+                     if sources[d].encoded is not None]
+            if paths:
+                read_ahead.submit(paths)
+        kvs: list[ChunkKV | None] = [None] * len(batch)
+        prefixes: dict[int, tuple[list, list]] = {}
+        fresh = [i for i, (d, _) in enumerate(batch) if sources[d].encoded is None]
+        if fresh:
+            seqs, capture = [], []
+            for i in fresh:
+                d, c = batch[i]
+                s, e = sources[d].spans[c]
+                seqs.append((sources[d].prefix, sources[d].document[s:e]))
+                capture.append(bool(sources[d].prefix) and d not in seen)
+                seen.add(d)
+            encoded, captured = encode_chunks(model, seqs, capture, backend)
+            for i, kv, prefix in zip(fresh, encoded, captured):
+                kvs[i] = kv
+                if prefix is not None:
+                    prefixes[batch[i][0]] = prefix
+            del encoded, captured
+        for i, (d, c) in enumerate(batch):
+            src = sources[d]
+            if src.encoded is not None:
+                if src.prefix and d not in seen:
+                    prefixes[d] = src.encoded.load_prefix(device)
+                seen.add(d)
+                kvs[i] = src.encoded.load_chunk(src.stored_chunk(c), device)
+        yield batch, kvs, prefixes
+        del kvs, prefixes
+
+
+def progress_bar(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="chunk", leave=False)
+
+
+def write_chunks(writer: AtomicDir, model, source: ChunkSource, batch_chunks: int, chunks: range,
+                 backend: str = "auto", bar=None) -> None:
+    """Encode the chunks `chunks` of `source` (`chunk_batches`, from the range's first chunk) and write each
+    one's file into `writer`, and the prefix's with chunk 0."""
+    work = [(0, c) for c in chunks]
+    for batch, kvs, prefixes in chunk_batches(model, [source], work, batch_chunks, backend):
+        if 0 in prefixes and chunks.start == 0:
+            writer.save_prefix(*prefixes[0])
+        for (_, c), kv in zip(batch, kvs):
+            writer.save_chunk(c, kv)
         del kvs, prefixes
         if bar is not None:
             bar.update(len(batch))
 
 
-def progress_bar(total: int, progress: bool):
-    if not progress:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="encoding", unit="chunk", leave=False)
-
-
-def write_encoding(model, tokenizer, source: str, prefix: list[int], document: list[int],
+def write_encoding(model, tokenizer, model_source: str, prefix: list[int], document: list[int],
                    spans: list[tuple[int, int]], settings: dict, path=None, backend: str = "auto",
                    progress: bool = False) -> EncodedDocument:
     """Encode `document` cut at `spans` (`write_chunks` over every chunk) and write it to directory `path`
     (None: a temporary one the returned object owns). `settings`: the config fields that shaped it, kept in
     meta.json."""
-    meta = encoding_meta(model, tokenizer, source, prefix, document, spans, settings)
+    meta = encoding_meta(model, tokenizer, model_source, prefix, document, spans, settings)
     owned = path is None
     final = Path(tempfile.mkdtemp(prefix="parallelcomp-encoding-")) / "encoding" if owned else Path(path)
     writer = AtomicDir(final)
-    bar = progress_bar(len(spans), progress)
+    bar = progress_bar(len(spans), "encoding", progress)
     try:
-        write_chunks(writer, model, prefix, document, spans, settings["batch_chunks"], range(len(spans)), backend,
-                     bar)
+        write_chunks(writer, model, ChunkSource(prefix, document, tuple(spans)), settings["batch_chunks"],
+                     range(len(spans)), backend, bar)
         writer.commit(meta)
     except BaseException:
         writer.abort()
@@ -164,365 +173,4 @@ def write_encoding(model, tokenizer, source: str, prefix: list[int], document: l
             bar.close()
     meta["files"] = dict(writer.files)
     encoded = EncodedDocument(final, meta)
-    if owned:
-        encoded._finalizer = weakref.finalize(encoded, shutil.rmtree, str(final.parent), True)
-    return encoded
-
-
-def model_identity(model, tokenizer) -> str:
-    """A fingerprint of the model and tokenizer an encoding belongs to: the model's shape fields, the
-    tokenizer's full definition, and a sample of every weight (first and last 64 values, rounded to bfloat16
-    so that the same checkpoint loaded in another dtype hashes alike: the dtype is checked on its own)."""
-    cached = getattr(model, "_parallelcomp_identity", None)
-    if cached is not None:
-        return cached
-    h = hashlib.sha256()
-    h.update(json.dumps(dataclasses.asdict(model.args), sort_keys=True, default=str).encode())
-    backend_tok = getattr(tokenizer, "backend_tokenizer", None)
-    if backend_tok is not None:
-        h.update(backend_tok.to_str().encode())
-    else:
-        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    h.update(json.dumps([tokenizer.bos_token_id, bool(getattr(tokenizer, "add_bos_token", False))]).encode())
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            flat = p.detach().reshape(-1)
-            sample = torch.cat([flat[:64], flat[-64:]]).to(torch.bfloat16).float().cpu()
-            h.update(name.encode())
-            h.update(sample.numpy().tobytes())
-    ident = h.hexdigest()[:32]
-    model._parallelcomp_identity = ident
-    return ident
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def chunk_file(c: int) -> str:
-    return f"chunk_{c:05d}.safetensors"
-
-
-class EncodedDocument:
-    """A document encoded once (`ParallelComp.encode`): per chunk and layer the full K/V, the prefix K/V once,
-    and the settings that shaped them (`meta`). Pass it instead of the context to `generate` /
-    `generate_batch`; `save(dir)` keeps it, `ParallelComp.load_encoded(dir)` reads it back. One made without
-    a path lives in a temporary directory it owns, removed by `close()` or when it is garbage collected."""
-
-    def __init__(self, path, meta: dict):
-        self.path = Path(path)
-        self.meta = meta
-        self._finalizer = None  # write_encoding sets one for a temporary directory
-
-    # -------------------------------------------------------------- settings
-    @property
-    def prefix(self) -> list[int]:
-        return self.meta["prefix"]
-
-    @property
-    def document(self) -> list[int]:
-        return self.meta["document"]
-
-    @property
-    def spans(self) -> list[tuple[int, int]]:
-        return [tuple(s) for s in self.meta["spans"]]
-
-    @property
-    def dtype(self) -> str:
-        return self.meta["dtype"]
-
-    def settings(self) -> dict:
-        """The config fields that shaped the encoding (chunking and prompt prefix)."""
-        return dict(self.meta["settings"])
-
-    def config(self, config=None):
-        """`config` (defaults if None) with this encoding's chunking, prompt and batch settings, so that
-        answers equal a fresh `generate` under that config."""
-        from .config import ParallelCompConfig
-
-        made = self.settings()
-        return dataclasses.replace(config if config is not None else ParallelCompConfig(), mode="parallelcomp",
-                                   chunk_tokens=made["chunk_tokens"], snap_to_sentences=made["snap_to_sentences"],
-                                   window=made["window"], template=made["template"],
-                                   instruction=made["instruction"], prompt=made["prompt"],
-                                   batch_chunks=self.meta["batch_chunks"])
-
-    def __repr__(self) -> str:
-        return (f"EncodedDocument({str(self.path)!r}, {len(self.document)} tokens, {len(self.spans)} chunks, "
-                f"{self.dtype})")
-
-    # -------------------------------------------------------------- reading
-    def _open(self, name: str, device):
-        from safetensors import safe_open
-
-        try:
-            return safe_open(str(self.path / name), framework="pt", device=str(device))
-        except Exception as e:  # missing, truncated or corrupt file
-            raise ParallelCompError(f"encoding {self.path}: {name} is unreadable ({_one_line(e)})") from None
-
-    def load_prefix(self, device="cpu") -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        layers = self.meta["num_layers"]
-        with self._open("prefix.safetensors", device) as f:
-            return ([f.get_tensor(f"k.{l}") for l in range(layers)], [f.get_tensor(f"v.{l}") for l in range(layers)])
-
-    def load_chunk(self, c: int, device="cpu") -> ChunkKV:
-        layers = self.meta["num_layers"]
-        with self._open(chunk_file(c), device) as f:
-            try:
-                return ChunkKV([f.get_tensor(f"k.{l}") for l in range(layers)],
-                               [f.get_tensor(f"v.{l}") for l in range(layers)], f.get_tensor("hidden"))
-            except Exception as e:
-                raise ParallelCompError(f"encoding {self.path}: {chunk_file(c)} is corrupt ({_one_line(e)})") from None
-
-    def chunk_path(self, c: int) -> Path:
-        return self.path / chunk_file(c)
-
-    # -------------------------------------------------------------- keeping
-    def save(self, path) -> "EncodedDocument":
-        """Copy the encoding to directory `path` (atomically: a temporary sibling renamed into place) and
-        return it as an EncodedDocument read from there."""
-        path = Path(path)
-        if path.resolve() == self.path.resolve():
-            return self
-        writer = AtomicDir(path)
-        try:
-            for name in sorted(self.meta["files"]):
-                writer.copy(self.path / name, name)
-            writer.commit(self.meta)
-        except BaseException:
-            writer.abort()
-            raise
-        return EncodedDocument(path, self.meta)
-
-    def close(self) -> None:
-        """Remove the temporary directory of an encoding made without a path (a saved one stays)."""
-        if self._finalizer is not None:
-            self._finalizer()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-_READER = None     # the read-ahead thread (a one-worker ThreadPoolExecutor), started on first use
-_QUEUED: list = []  # its jobs not yet finished
-
-
-def read_ahead(paths: list[Path]) -> None:
-    """Read `paths` into the page cache on a background thread and return at once. The pipeline names the
-    next batch's chunk files while it scores this one, so an encoding the page cache does not hold (a new
-    process, a cold disk, pages the OS reclaimed) is read on another core rather than page fault by page
-    fault inside the scoring. A job still queued when the next comes is dropped (its batch is being read by
-    the scoring itself by then). With one CPU there is no other core to read on: the kernel is only advised
-    (POSIX_FADV_WILLNEED), which costs no copy. Advice only: errors are left to the load."""
-    global _READER
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if cpus < 2:
-        _advise_will_need(paths)
-        return
-    if _READER is None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _READER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoding-read-ahead")
-    for job in _QUEUED:
-        job.cancel()  # only succeeds for a job that has not started
-    _QUEUED[:] = [job for job in _QUEUED if not job.done()] + [_READER.submit(_read_through, paths)]
-
-
-def _read_through(paths: list[Path], block: int = 1 << 22) -> None:
-    """Bring each file into the page cache: sendfile to /dev/null where the OS has it (the pages are pulled
-    in, reading the disk where needed, and copied nowhere, so a cached file costs page lookups, not a pass of
-    its bytes through the CPU caches the scoring uses), reads into one reused buffer otherwise. Both release
-    the GIL. Errors are left to the load."""
-    try:
-        sink = os.open(os.devnull, os.O_WRONLY)
-    except OSError:
-        sink = None
-    buf = None
-    try:
-        for path in paths:
-            try:
-                with open(path, "rb", buffering=0) as f:
-                    if sink is None or not _send_whole(f.fileno(), sink, block):
-                        buf = buf or bytearray(block)
-                        while f.readinto(buf):
-                            pass
-            except OSError:
-                pass
-    finally:
-        if sink is not None:
-            os.close(sink)
-
-
-def _send_whole(fd: int, sink: int, block: int) -> bool:
-    """sendfile all of `fd` to `sink`; False where sendfile is missing or refuses the pair."""
-    if not hasattr(os, "sendfile"):
-        return False
-    size, offset = os.fstat(fd).st_size, 0
-    try:
-        while offset < size:
-            sent = os.sendfile(sink, fd, offset, min(block, size - offset))
-            if sent <= 0:
-                break
-            offset += sent
-    except OSError:
-        return False
-    return True
-
-
-def _advise_will_need(paths: list[Path]) -> None:
-    if not hasattr(os, "posix_fadvise"):
-        return
-    for path in paths:
-        try:
-            fd = os.open(str(path), os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
-
-
-class AtomicDir:
-    """Build a directory in a temporary sibling; `commit` writes meta.json last and renames it into place."""
-
-    def __init__(self, final):
-        self.final = Path(final)
-        if self.final.exists() and not self.final.is_dir():
-            raise ParallelCompError(f"{self.final}: exists and is not a directory")
-        if self.final.is_dir() and any(self.final.iterdir()) and not (self.final / "meta.json").is_file():
-            raise ParallelCompError(f"{self.final}: a non-empty directory that is not an encoding; "
-                                    "choose a new directory")
-        try:
-            self.final.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.", suffix=".tmp", dir=self.final.parent))
-        except OSError as e:
-            raise ParallelCompError(f"{self.final}: cannot write ({e.strerror or e})") from None
-        self.files: dict[str, int] = {}
-
-    @classmethod
-    def join(cls, final, tmp) -> "AtomicDir":
-        """A writer into the temporary directory `tmp` another process's AtomicDir(final) made (a distributed
-        encoding: every rank writes its chunks there, the one that made it commits)."""
-        writer = cls.__new__(cls)
-        writer.final, writer.tmp, writer.files = Path(final), Path(tmp), {}
-        return writer
-
-    def save_tensors(self, name: str, tensors: dict) -> None:
-        from safetensors.torch import save_file
-
-        target = self.tmp / name
-        save_file({k: t.contiguous().cpu() for k, t in tensors.items()}, str(target))
-        _fsync(target)
-        self.files[name] = target.stat().st_size
-
-    def copy(self, src: Path, name: str) -> None:
-        shutil.copyfile(src, self.tmp / name)
-        _fsync(self.tmp / name)
-        self.files[name] = (self.tmp / name).stat().st_size
-
-    def commit(self, meta: dict) -> None:
-        meta = dict(meta, files=dict(self.files))
-        target = self.tmp / "meta.json"
-        target.write_text(json.dumps(meta))
-        _fsync(target)
-        _fsync(self.tmp)
-        final = self.final
-        if final.is_dir() and any(final.iterdir()):  # an older encoding: move it aside, then swap
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
-            os.replace(final, old / "x")
-            os.replace(self.tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, final)  # replaces an empty directory too
-        _fsync(final.parent)
-
-    def abort(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(str(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def read_meta(path) -> dict:
-    """meta.json of an encoding directory, checked for format and version; one-line errors."""
-    path = Path(path)
-    if not path.is_dir():
-        raise ParallelCompError(f"encoding {path}: no such directory")
-    try:
-        meta = json.loads((path / "meta.json").read_text())
-    except FileNotFoundError:
-        raise ParallelCompError(f"encoding {path}: no meta.json (incomplete or not an encoding)") from None
-    except (OSError, ValueError) as e:
-        raise ParallelCompError(f"encoding {path}: meta.json is unreadable ({_one_line(e)})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ParallelCompError(f"encoding {path}: meta.json is not a {FORMAT}")
-    if meta.get("version") != VERSION:
-        raise ParallelCompError(f"encoding {path}: format version {meta.get('version')}, this package reads "
-                                f"version {VERSION}; encode the document again")
-    return meta
-
-
-def open_encoding(path, model, tokenizer) -> EncodedDocument:
-    """Read an encoding directory for this model and tokenizer: refuse (one line) another model, tokenizer or
-    dtype, and a missing, truncated or corrupt file."""
-    path = Path(path)
-    meta = read_meta(path)
-    enc = EncodedDocument(path, meta)
-    check_model(enc, model, tokenizer)
-    layers, kv_heads, head_dim = meta["num_layers"], meta["num_kv_heads"], meta["head_dim"]
-    dtype = _DTYPES[meta["dtype"]]
-    expected = {}
-    if meta["prefix"]:
-        shape = [kv_heads, len(meta["prefix"]), head_dim]
-        expected["prefix.safetensors"] = {f"{kv}.{l}": shape for kv in "kv" for l in range(layers)}
-    for c, (s, e) in enumerate(meta["spans"]):
-        shape = [kv_heads, e - s, head_dim]
-        expected[chunk_file(c)] = {f"{kv}.{l}": shape for kv in "kv" for l in range(layers)}
-        expected[chunk_file(c)]["hidden"] = [meta["hidden_size"]]
-    if set(meta.get("files", {})) != set(expected):
-        raise ParallelCompError(f"encoding {path}: meta.json does not list the expected files")
-    for name, shapes in expected.items():
-        file = path / name
-        try:
-            size = file.stat().st_size
-        except OSError:
-            raise ParallelCompError(f"encoding {path}: {name} is missing") from None
-        if size != meta["files"][name]:
-            raise ParallelCompError(f"encoding {path}: {name} has {size} bytes, {meta['files'][name]} expected "
-                                    "(truncated or corrupt)")
-        with enc._open(name, "cpu") as f:
-            try:
-                got = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
-                dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
-            except Exception as e:
-                raise ParallelCompError(f"encoding {path}: {name} is corrupt ({_one_line(e)})") from None
-        want_dtype = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}[dtype]
-        if got != shapes or dtypes != {want_dtype}:
-            raise ParallelCompError(f"encoding {path}: {name} does not hold the tensors meta.json describes")
-    return enc
-
-
-def check_model(enc: EncodedDocument, model, tokenizer) -> None:
-    """Refuse, in one line, an encoding made with another dtype, model or tokenizer."""
-    dtype = dtype_name(model.embed_tokens.weight.dtype)
-    if enc.meta["dtype"] != dtype:
-        raise ParallelCompError(f"encoding {enc.path}: made in {enc.meta['dtype']}, the model runs in {dtype} "
-                                f"(load it with dtype={enc.meta['dtype']!r}, or encode again)")
-    if enc.meta["model"] != model_identity(model, tokenizer):
-        raise ParallelCompError(f"encoding {enc.path}: made with another model or tokenizer "
-                                f"({enc.meta.get('model_source') or 'unknown'}); encode again with this one")
+    return encoded.remove_when_collected(final.parent) if owned else encoded

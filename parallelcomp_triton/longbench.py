@@ -1,6 +1,7 @@
-"""LongBench-format evaluation: prompts, generation and the standard LongBench metrics.
+"""LongBench-format evaluation: prompts, generation and the standard LongBench metrics. Its command line is
+parallelcomp_triton.evaluate's `longbench`:
 
-    python -m parallelcomp_triton.eval longbench --data hotpotqa.jsonl [--dataset hotpotqa] [--limit 20] \\
+    python -m parallelcomp_triton.evaluate longbench --data hotpotqa.jsonl [--dataset hotpotqa] [--limit 20] \\
         [--mode parallelcomp|full|truncate] [--keep-chunks K] [--kv-budget B] [--json results/lb.json]
 
 Input: LongBench JSONL, one object a line with `context`, `input` (may be empty), `answers` (list of
@@ -24,14 +25,12 @@ import json
 import os
 import re
 import string
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
 
+from .cli import read_input_bytes
 from .errors import ParallelCompError
-from .config import DTYPE_CHOICES
-from .run import _budget, _chunk_tokens, _Parser, cli_main, read_input_bytes
 
 
 @dataclass(frozen=True)
@@ -308,11 +307,11 @@ def evaluate_longbench(pc, records: list[dict], config, template: str = "auto", 
             first_error = first_error or e
             row.update(prediction="", score=0.0, error=str(e))
         else:
+            st = res.stats
             row.update(prediction=res.text, score=score_sample(rec["dataset"], res.text, rec["answers"],
                                                                rec["all_classes"]),
-                       document_tokens=res.stats.get("document_tokens"), kept_chunks=res.stats.get("kept_chunks"),
-                       chunks=len(res.stats.get("chunk_spans", [])),
-                       kv_tokens_after=res.stats.get("kv_tokens_per_layer_after"))
+                       document_tokens=st.document_tokens, kept_chunks=st.kept_chunks, chunks=len(st.chunk_spans),
+                       kv_tokens_after=st.kv_tokens_per_layer_after)
         row["seconds"] = round(time.perf_counter() - t, 2)
         samples.append(row)
         if log:
@@ -359,82 +358,3 @@ def format_table(result: dict) -> str:
         avg = sum(d["score"] for d in result["datasets"].values()) / len(result["datasets"])
         lines.append(f"| average | | {len(result['samples'])} | {avg:.2f} |" + (" | | |" if buckets else ""))
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------------
-# Command line (python -m parallelcomp_triton.eval longbench ...)
-# --------------------------------------------------------------------------------------------------
-
-
-def build_parser():
-    from .config import MODES, ParallelCompConfig
-
-    d = ParallelCompConfig()
-    p = _Parser(prog="python -m parallelcomp_triton.eval longbench",
-                description="Score ParallelComp on LongBench-format JSONL with the standard LongBench metrics.")
-    p.add_argument("--data", required=True, help="LongBench JSONL file")
-    p.add_argument("--dataset", default=None, help=f"score only this task's records (default: every record, "
-                                                   f"by its 'dataset' field, else the file name); one of "
-                                                   f"{', '.join(TASKS)}")
-    p.add_argument("--limit", type=int, default=None, help="score only the first N records")
-    p.add_argument("--model", default=None)
-    p.add_argument("--mode", choices=MODES, default=d.mode)
-    p.add_argument("--template", choices=("auto", "plain", "chat"), default="auto",
-                   help="auto: the chat template where LongBench uses one (default)")
-    p.add_argument("--keep-chunks", type=int, default=d.keep_chunks)
-    p.add_argument("--kv-budget", type=_budget, default=d.kv_budget)
-    p.add_argument("--chunk-tokens", type=_chunk_tokens, default=ParallelCompConfig.chunk_tokens,
-                   help="document tokens per chunk, or 'max' (as many as the window allows)")
-    p.add_argument("--window", type=int, default=None)
-    p.add_argument("--batch-chunks", type=int, default=d.batch_chunks)
-    p.add_argument("--score-window", type=int, default=d.score_window)
-    p.add_argument("--calibrate", default=None, metavar="REGION:I-J:TAU")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default: LongBench's per-dataset length")
-    p.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
-                   help="auto: bfloat16 where the CPU/GPU computes it natively, else float32")
-    p.add_argument("--json", default=None, help="write scores and predictions to this file")
-    return p
-
-
-def main(argv=None) -> int:
-    return cli_main(argv, build_parser, _main)
-
-
-def _main(args) -> int:
-    from .config import Calibration, ParallelCompConfig
-    from .pipeline import ParallelComp
-
-    cfg = ParallelCompConfig(mode=args.mode, keep_chunks=args.keep_chunks, kv_budget=args.kv_budget,
-                             chunk_tokens=args.chunk_tokens, window=args.window, batch_chunks=args.batch_chunks,
-                             score_window=args.score_window,
-                             calibration=Calibration.parse(args.calibrate) if args.calibrate else None)
-    cfg.check()
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        raise ParallelCompError(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
-    if args.json:
-        _check_writable(args.json)
-    records = load_records(args.data, args.dataset, args.limit)
-    # Metric libraries are checked before the model loads, not after the first generation.
-    for metric in {task_for(r["dataset"]).metric for r in records}:
-        if metric in ("rouge_l", "code_sim"):
-            METRICS[metric]("a", "a")
-    pc = ParallelComp.from_pretrained(args.model, dtype=args.dtype, backend=args.backend)
-    result = evaluate_longbench(pc, records, cfg, template=args.template, max_new_tokens=args.max_new_tokens,
-                                log=lambda s: print(s, file=sys.stderr, flush=True))
-    result["data"] = args.data
-    result["template"] = args.template
-    result["config"] = dataclasses.asdict(cfg)
-    print(format_table(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    return 0
-
-
-def _check_writable(path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise ParallelCompError(f"{path}: folder {folder} does not exist")
-    if os.path.isdir(path):
-        raise ParallelCompError(f"{path}: is a directory")

@@ -274,8 +274,7 @@ class DecoderLayer(nn.Module):
 
 
 # bf16 matrix-vector products on the CPU: for one or two rows, ATen's own GEMV streams the weights about
-# twice as fast as oneDNN's matmul (1536 x 576 bf16 at one row: 118 vs 235 us; decoding the bundled model:
-# 76 -> 44 ms/token at 1 thread, same answer; measured 2026-12-04); from 4 rows up oneDNN is faster. So
+# twice as fast as oneDNN's matmul; from 4 rows up oneDNN is faster (BENCHMARKS.md, "bf16 by default"). So
 # decode-sized calls switch oneDNN off for their duration (a process-wide flag, restored after; a large bf16
 # GEMM another thread runs meanwhile takes ATen's slower path).
 _NATIVE_GEMV_ROWS = 2

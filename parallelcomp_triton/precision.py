@@ -1,9 +1,9 @@
 """Which floating-point precision a run uses when the caller says "auto" (the default).
 
 bfloat16 where the hardware computes it natively: CPUs with AVX512-BF16 or AMX-BF16 (oneDNN runs torch's
-bf16 GEMMs there 4.6x faster than float32 on the model's shapes; BENCHMARKS.md), and CUDA GPUs that support
-bf16 (Ampere and later). float32 everywhere else: a CPU without those instructions emulates bf16 and runs
-it slower than float32.
+bf16 GEMMs there 2-3x faster than float32 on the model's shapes; BENCHMARKS.md, "bf16 by default"), and
+CUDA GPUs that support bf16 (Ampere and later). float32 everywhere else: a CPU without those instructions
+emulates bf16 and runs it slower than float32.
 """
 from __future__ import annotations
 

@@ -8,7 +8,8 @@ and to select its KV) and re-encoded once over the merged cache.
 A template may also hold "{answer_start}" after "{question}" (the chat template puts it at the start of the
 assistant's turn): a question that ends in the start of its answer, "What is the pass key? The pass key is",
 is then asked as "What is the pass key?" and the answer begins "The pass key is". In a chat turn a trailing
-cue left in the user's message is not continued: the model starts its own reply (BENCHMARKS.md, #15).
+cue left in the user's message is not continued: the model starts its own reply (BENCHMARKS.md,
+"Questions as people write them").
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ ANSWER_START = "{answer_start}"
 
 def template_name(tokenizer, template: str) -> str:
     """'auto' resolved: the tokenizer's chat template where it has one (the bundled model answers natural
-    questions with it, BENCHMARKS.md #15), plain text otherwise."""
+    questions with it: BENCHMARKS.md, "Questions as people write them"), plain text otherwise."""
     if template == "auto":
         return "chat" if getattr(tokenizer, "chat_template", None) else "plain"
     return template
@@ -100,8 +101,8 @@ def score_rows(toks: PromptTokens, window: int) -> int:
     """How many of the suffix's last rows score the chunk's keys for KV eviction: the question's last `window`
     tokens and any template text after them. A chat turn ends in markers ("<|im_end|>", "<|im_start|>assistant")
     whose attention says little about the question: scored by them alone, NIAH answers kept only some of
-    their digits (BENCHMARKS.md, #15). With the question last (plain template) this is `window`; a question
-    whose answer's start opens the assistant's turn ends with that start."""
+    their digits (BENCHMARKS.md, "Questions as people write them"). With the question last (plain template)
+    this is `window`; a question whose answer's start opens the assistant's turn ends with that start."""
     after = len(toks.suffix) - toks.question[1]
     return min(len(toks.suffix), window + after)
 

@@ -31,42 +31,22 @@ which every rank must see (one host, or a shared file system).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from .config import DTYPE_CHOICES, MODES, SCORE_TOKENS, TEMPLATES, Calibration, ParallelCompConfig
+from .cli import Parser, add_model_options, add_settings_options, cli_main, config_from_args, read_document, \
+    read_input_bytes
 from .errors import ParallelCompError
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse would print the whole usage first)
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        raise SystemExit(2)
+if TYPE_CHECKING:
+    from .stats import Stats
 
 
-def _int_or_none(word: str):
-    """An argparse type: an integer, or `word` (any case) meaning None."""
-    def parse(value: str):
-        if value.lower() == word:
-            return None
-        try:
-            return int(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer or {word!r}, got {value!r}") from None
-
-    return parse
-
-
-_chunk_tokens = _int_or_none("max")  # 'max': chunks as large as the trained window allows
-_budget = _int_or_none("none")  # 'none': keep every KV token
-
-
-def build_parser() -> argparse.ArgumentParser:
-    d = ParallelCompConfig()
-    p = _Parser(prog="python -m parallelcomp_triton.run", description=__doc__.split("\n")[0])
+def build_parser() -> Parser:
+    p = Parser(prog="python -m parallelcomp_triton.run", description=__doc__.split("\n")[0])
     src = p.add_mutually_exclusive_group()
     src.add_argument("--input", help="document file (UTF-8), or - for stdin")
     src.add_argument("--input-jsonl", metavar="FILE",
@@ -76,66 +56,19 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--demo", action="store_true",
                      help="build a passkey document (--demo-tokens long) and answer it: the bundled model's main job")
     p.add_argument("--demo-tokens", type=int, default=16000, help="length of the --demo document in tokens")
-    p.add_argument("--instruction", default="", help="task text placed before the document (shared prefix)")
     p.add_argument("--question", action="append",
                    help="the question (required with --input or --encoding); repeat it for several questions")
     p.add_argument("--questions", metavar="FILE", help="more questions, one per line")
     p.add_argument("--save-encoding", metavar="DIR",
                    help="with --input: encode the document once, save it in DIR, then answer")
-    p.add_argument("--model", default=None, help="model directory or Hub id ORG/NAME[@REV] (default: bundled SmolLM2-135M)")
-    p.add_argument("--mode", choices=MODES, default=d.mode)
-    p.add_argument("--template", choices=TEMPLATES, default=d.template)
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    p.add_argument("--keep-chunks", type=int, default=d.keep_chunks, help="K: chunks kept after eviction")
-    p.add_argument("--score-tokens", choices=SCORE_TOKENS, default=d.score_tokens,
-                   help="chunk NLL over the whole question suffix or the question's own tokens")
-    p.add_argument("--kv-budget", type=_budget, default=d.kv_budget,
-                   help="B: KV tokens kept per chunk, layer and KV head, or 'none'")
-    p.add_argument("--pool-kernel", type=int, default=d.pool_kernel,
-                   help="KV eviction: keys within pool_kernel // 2 of a high-scoring key are kept with it (odd)")
-    p.add_argument("--window", type=int, default=None, help="trained window (default: the model's)")
-    p.add_argument("--chunk-tokens", type=_chunk_tokens, default=d.chunk_tokens,
-                   help=f"document tokens per chunk (default {d.chunk_tokens}), or 'max': as many as the window allows")
-    p.add_argument("--batch-chunks", type=int, default=d.batch_chunks, help="chunks prefilled together")
-    p.add_argument("--score-window", type=int, default=d.score_window, help="w: question rows that score keys")
-    p.add_argument("--calibrate", default=None, metavar="REGION:I-J:TAU", help="e.g. sink:3-6:0.1")
-    p.add_argument("--temperature", type=float, default=d.temperature)
-    p.add_argument("--top-p", type=float, default=d.top_p)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--ignore-eos", action="store_true", help="decode exactly --max-new-tokens tokens")
-    p.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
-                   help="auto: bfloat16 where the CPU/GPU computes it natively, else float32")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    add_model_options(p, device=True)
+    add_settings_options(p)
     p.add_argument("--batch-docs", type=int, default=8, help="documents answered together with --input-jsonl")
     p.add_argument("--distributed", action="store_true",
                    help="spread the chunk prefill over torchrun's ranks (gloo on CPU, nccl on GPUs)")
     p.add_argument("--json", action="store_true", help="print one JSON object with the answer and the stats")
     p.add_argument("--no-progress", action="store_true")
     return p
-
-
-def read_input_bytes(path: str, kind: str = "a text file") -> bytes:
-    """The bytes of `path` (stdin for "-"), or a one-line ParallelCompError."""
-    try:
-        return sys.stdin.buffer.read() if path == "-" else open(path, "rb").read()
-    except FileNotFoundError:
-        raise ParallelCompError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ParallelCompError(f"{path}: is a directory, expected {kind}") from None
-    except OSError as e:
-        raise ParallelCompError(f"{path}: cannot read ({e.strerror or e})") from None
-
-
-def read_document(path: str) -> str:
-    data = read_input_bytes(path)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ParallelCompError(f"{path}: not UTF-8 text (bad byte at offset {e.start})") from None
-    if not text.strip():
-        raise ParallelCompError(f"{path}: the document is empty")
-    return text
 
 
 @dataclass
@@ -187,30 +120,14 @@ def read_jsonl(path: str) -> list[Job]:
     return jobs
 
 
-def cli_main(argv, build_parser, body, quiet=lambda args: False) -> int:
-    """Parse `argv`, run `body(args)`; bad input becomes one line on stderr and exit code 2."""
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:  # --help (0) or a usage error (2, already printed in one line)
-        return int(e.code or 0)
-    try:
-        return body(args)
-    except ParallelCompError as e:
-        if not quiet(args):
-            print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-
-
 def main(argv=None) -> int:
     # Under --distributed only rank 0 speaks: every rank meets the same bad input, one line is enough.
     return cli_main(argv, build_parser, _main,
                     quiet=lambda args: args.distributed and os.environ.get("RANK", "0") != "0")
 
 
-def _config(args) -> ParallelCompConfig:
+def _checked_config(args):
+    """The config, once the input options are known to fit together."""
     if args.input is None and args.input_jsonl is None and not args.demo and args.encoding is None:
         raise ParallelCompError("give --input FILE (or - for stdin) and --question, --input-jsonl FILE, "
                                 "--encoding DIR and --question, or --demo")
@@ -227,22 +144,11 @@ def _config(args) -> ParallelCompConfig:
         raise ParallelCompError(f"--batch-docs {args.batch_docs}: must be >= 1")
     if args.demo_tokens < 100:
         raise ParallelCompError(f"--demo-tokens {args.demo_tokens}: must be >= 100")
-    calibration = Calibration.parse(args.calibrate) if args.calibrate else None
-    chunk_tokens, instruction = args.chunk_tokens, args.instruction
-    if args.demo:
+    if args.demo and not args.instruction:
         from .tasks import PASSKEY_INSTRUCTION
 
-        instruction = instruction or PASSKEY_INSTRUCTION  # the passkey task's own instruction
-    cfg = ParallelCompConfig(mode=args.mode, template=args.template, chunk_tokens=chunk_tokens,
-                             instruction=instruction,
-                             window=args.window, batch_chunks=args.batch_chunks, keep_chunks=args.keep_chunks,
-                             score_tokens=args.score_tokens,
-                             kv_budget=args.kv_budget, score_window=args.score_window, pool_kernel=args.pool_kernel,
-                             calibration=calibration,
-                             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                             seed=args.seed, ignore_eos=args.ignore_eos)
-    cfg.check()
-    return cfg
+        return config_from_args(args, instruction=PASSKEY_INSTRUCTION)  # the passkey task's own instruction
+    return config_from_args(args)
 
 
 def read_questions(args) -> list[str]:
@@ -292,13 +198,13 @@ def _demo_job(pc, args) -> tuple[Job, str]:
 def _main(args) -> int:
     from .pipeline import ParallelComp
 
-    cfg = _config(args)
+    cfg = _checked_config(args)
     if args.distributed:
         return _main_distributed(args, cfg)
     jobs = _read_jobs(args)
     dtype = args.dtype
     if args.encoding is not None:
-        from .encode import read_meta
+        from .storage import read_meta
 
         meta = read_meta(args.encoding)  # a bad directory fails before the model loads
         if dtype == "auto":
@@ -316,14 +222,14 @@ def _main(args) -> int:
     else:
         job = jobs[0]
     res = pc.generate(job.context, job.question, config=cfg, progress=not args.no_progress)
-    _print_answer(res, args, expected, cfg)
+    _print_answer(res, args, expected)
     return 0
 
 
 def check_questions_fit(pc, cfg, jobs: list[Job]) -> None:
     """The window checks that need no document, for every question, before the (long) encoding."""
     for job in jobs:
-        pc.prepare(pc.resolve_config(cfg, None), "x", job.question)
+        pc.plan("x", job.question, cfg)
 
 
 def answer_encoded(pc, jobs: list[Job], cfg, args) -> int:
@@ -337,19 +243,19 @@ def answer_encoded(pc, jobs: list[Job], cfg, args) -> int:
         encoded = pc.encode(jobs[0].context, cfg, path=args.save_encoding, progress=not args.no_progress)
     try:
         for job in jobs:  # every question checked (fits the window, ...) before the first is answered
-            pc.prepare(pc.resolve_config(cfg, None), encoded, job.question)
+            pc.plan(encoded, job.question, cfg)
         for job in jobs:
             res = pc.generate(encoded, job.question, config=cfg, progress=not args.no_progress)
-            _print_answer(res, args, None, cfg, question=job.question, one_line=len(jobs) > 1,
+            _print_answer(res, args, None, question=job.question, one_line=len(jobs) > 1,
                           number=job.line if len(jobs) > 1 else None)
     finally:
         encoded.close()  # removes a temporary encoding; a saved one stays
     return 0
 
 
-def empty_answer_warning(stats: dict, where: str = "") -> str:
+def empty_answer_warning(stats: Stats, where: str = "") -> str:
     """The one stderr line for an answer that came out empty, with the likely fix for the template used."""
-    if stats.get("template") == "plain":
+    if stats.template == "plain":
         fix = "try --template chat, or end the question with the start of its answer (e.g. '... The pass key is')"
     else:
         fix = ("end the question with the start of its answer (e.g. '... The pass key is'), or keep more of the "
@@ -357,11 +263,11 @@ def empty_answer_warning(stats: dict, where: str = "") -> str:
     return f"warning: {where}empty answer (the model ended its turn at once); {fix}"
 
 
-def _print_answer(res, args, expected, cfg, question=None, one_line=False, number=None) -> None:
-    if res.stats.get("empty_answer"):
+def _print_answer(res, args, expected, question=None, one_line=False, number=None) -> None:
+    if res.stats.empty_answer:
         print(empty_answer_warning(res.stats, f"question {number}: " if number is not None else ""), file=sys.stderr)
     if args.json:
-        out = {"answer": res.text, "token_ids": res.token_ids, "stats": res.stats}
+        out = {"answer": res.text, "token_ids": res.token_ids, "stats": res.stats.as_dict()}
         if question is not None:
             out = {"question": question, **out}
         if expected is not None:
@@ -370,14 +276,14 @@ def _print_answer(res, args, expected, cfg, question=None, one_line=False, numbe
     else:
         print(" ".join(res.text.splitlines()).strip() if one_line else res.text.strip(), flush=True)
         if expected is not None:
-            ok = expected in res.text
-            print(f"[demo] {res.stats['document_tokens']} document tokens, {len(res.stats['chunk_spans'])} chunks, "
-                  f"kept {res.stats['kept_chunks']}, KV {res.stats['kv_tokens_per_layer_before']} -> "
-                  f"{res.stats['kv_tokens_per_layer_after']} tokens/layer, {res.stats['time_total_s']:.1f} s; "
-                  f"expected pass key {expected}: {'found' if ok else 'NOT found'}", file=sys.stderr)
+            st, ok = res.stats, expected in res.text
+            print(f"[demo] {st.document_tokens} document tokens, {len(st.chunk_spans)} chunks, kept {st.kept_chunks}, "
+                  f"KV {st.kv_tokens_per_layer_before} -> {st.kv_tokens_per_layer_after} tokens/layer, "
+                  f"{st.time_total_s:.1f} s; expected pass key {expected}: {'found' if ok else 'NOT found'}",
+                  file=sys.stderr)
 
 
-def _jsonl_record(job: Job, result, args, source: str, cfg) -> dict:
+def _jsonl_record(job: Job, result, args, source: str) -> dict:
     """The output object for one input line; a bad line is also reported on stderr."""
     record: dict = {"line": job.line}
     if job.has_id:
@@ -388,12 +294,12 @@ def _jsonl_record(job: Job, result, args, source: str, cfg) -> dict:
         record["error"] = error
         return record
     record["answer"] = result.text.strip()
-    if result.stats.get("empty_answer"):
+    if result.stats.empty_answer:
         record["warning"] = empty_answer_warning(result.stats).removeprefix("warning: ")
         print(empty_answer_warning(result.stats, f"{source}:{job.line}: "), file=sys.stderr)
     if args.json:
         record["token_ids"] = result.token_ids
-        record["stats"] = result.stats
+        record["stats"] = result.stats.as_dict()
     return record
 
 
@@ -416,7 +322,7 @@ def answer_jsonl(pc, jobs: list[Job], cfg, args, generate_batch=None, speak: boo
             result = next(results) if job.error is None else None
             any_bad |= job.error is not None or isinstance(result, ParallelCompError)
             if speak:
-                print(json.dumps(_jsonl_record(job, result, args, source, cfg)), flush=True)
+                print(json.dumps(_jsonl_record(job, result, args, source)), flush=True)
         pending.clear()
 
     for job in jobs:
@@ -429,8 +335,8 @@ def answer_jsonl(pc, jobs: list[Job], cfg, args, generate_batch=None, speak: boo
 
 def _main_distributed(args, cfg) -> int:
     from .distributed import encode_distributed, generate_distributed, init_distributed, on_every_rank
-    from .encode import read_meta
     from .pipeline import ParallelComp
+    from .storage import read_meta
 
     ctx = init_distributed(args.device)
     together = False
@@ -474,7 +380,7 @@ def _main_distributed(args, cfg) -> int:
             results = generate_distributed(pc, ctx, pairs, config=cfg, progress=progress)
             if ctx.rank == 0:
                 for job, res in zip(jobs, results):
-                    _print_answer(res, args, expected, cfg, question=job.question if len(jobs) > 1 else None,
+                    _print_answer(res, args, expected, question=job.question if len(jobs) > 1 else None,
                                   one_line=len(jobs) > 1, number=job.line if len(jobs) > 1 else None)
             code = 0
         together = True

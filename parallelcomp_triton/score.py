@@ -1,5 +1,9 @@
-"""The question-dependent stage per chunk: score a batch of chunks against the question, compress their KV,
-and keep each document's K best.
+"""Stage 3, scoring and eviction: the question over every chunk's K/V, chunk eviction, KV selection.
+
+`prefill` runs the stage over a document's chunks as `encode.chunk_batches` hands them over, one batch at a
+time: score the batch (`score_chunks`), keep each document's K best chunks (`keep_best`, the one eviction
+rule), then select the KV of the batch's survivors only (`compress`); a batch's full K/V is freed before the
+next one, so memory stays bounded by K chunks plus one batch.
 
 `score_chunks` takes chunks whose K/V `encode.encode_chunks` computed (just now, or stored in an encoding)
 and runs only the question suffix rows through the model, at positions len(prefix) + len(chunk) + i, each
@@ -10,15 +14,17 @@ suffix's last w rows over the chunk's keys (which choose the KV kept by select_k
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import collections
+from dataclasses import dataclass, field
 from itertools import accumulate
 
 import torch
 
-from .cache import ChunkCache
-from .encode import ChunkKV
+from .cache import ChunkCache, ChunkKV
+from .encode import chunk_batches, progress_bar
 from .kernels.chunk_attention import chunk_attention
 from .kernels.select_kv import gather_kv, select_kv
+from .prompt import score_rows
 
 
 @dataclass
@@ -160,11 +166,81 @@ def compress(caches: list[ChunkCache], budget: int, pool_kernel: int, backend: s
         cache.pending = None
 
 
-def keep_best(kept: list[ChunkCache], new: list[ChunkCache], keep: int) -> list[ChunkCache]:
-    """Chunk eviction: the `keep` lowest question NLLs of kept + new survive (ties: the earlier chunk; NaN
-    last); the others are dropped (freed once nothing else holds them)."""
-    return sorted(kept + new, key=lambda c: (nan_last(c.nll), c.index))[:keep]
+def keep_best(chunks, keep: int, nll_of=lambda c: c.nll, index_of=lambda c: c.index) -> list:
+    """Chunk eviction: the `keep` chunks with the lowest question NLL survive (ties: the earlier chunk; NaN
+    last). `nll_of` / `index_of` read them from other records than ChunkCache (e.g. (chunk, nll) pairs)."""
+    return sorted(chunks, key=lambda c: (_nan_last(nll_of(c)), index_of(c)))[:keep]
 
 
-def nan_last(x: float) -> float:
+def _nan_last(x: float) -> float:
     return float("inf") if x != x else x
+
+
+@dataclass
+class PrefillState:
+    """What the prefill keeps of one document: its prefix K/V, its K best compressed chunks (document order
+    once all its chunks are scored), every chunk's question NLL, and the most chunk caches alive at once."""
+
+    nll: list[float | None]
+    prefix_keys: list[torch.Tensor] = field(default_factory=list)  # per layer [H_kv, p, d] (empty: no prefix)
+    prefix_values: list[torch.Tensor] = field(default_factory=list)
+    kept: list[ChunkCache] = field(default_factory=list)
+    alive_max: int = 0
+
+
+def prefill(model, cfg, plans, work: list[tuple[int, int]], backend: str = "auto", read_ahead=None,
+            progress: bool = False, observer=None, on_document_done=None) -> list[PrefillState]:
+    """Score the chunks `work` = [(document, chunk)] of `plans` batch by batch (packed varlen across
+    documents) and keep each document's `keep` best compressed caches. Per batch: the chunks' full K/V
+    (`chunk_batches`), the question over them (`score_chunks`), chunk eviction, KV selection for the
+    batch's survivors (`compress`). `on_document_done(d, state)` runs once all of document d's chunks in
+    `work` are scored."""
+    # One config for every document: budget and mode are shared.
+    budget, append_question = plans[0].budget, plans[0].append_question
+    need_scores = budget is not None or observer is not None
+    states = [PrefillState(nll=[None] * len(plan.spans)) for plan in plans]
+    remaining = collections.Counter(d for d, _ in work)
+    bar = progress_bar(len(work), "chunks", progress)
+    for batch, kvs, prefixes in chunk_batches(model, [plan.source for plan in plans], work, cfg.batch_chunks,
+                                              backend, read_ahead):
+        for d, (keys, values) in prefixes.items():
+            states[d].prefix_keys, states[d].prefix_values = keys, values
+        if append_question:
+            items = []
+            for (d, c), kv in zip(batch, kvs):
+                toks = plans[d].toks
+                items.append(ScoreItem(
+                    index=c, kv=kv, prefix_keys=states[d].prefix_keys, prefix_values=states[d].prefix_values,
+                    suffix=toks.suffix, scored=toks.question if cfg.score_tokens == "question" else (0, len(toks.suffix)),
+                    window=score_rows(toks, cfg.score_window) if need_scores else 0))
+            caches = score_chunks(model, items, budget, cfg.pool_kernel, cfg.gqa_reduce, backend, observer,
+                                  defer=True)
+            del items
+        else:  # one chunk holding the whole (or truncated) document: nothing to score or evict
+            caches = [ChunkCache(index=c, context_len=kv.length, keys=kv.keys, values=kv.values)
+                      for (_, c), kv in zip(batch, kvs)]
+        del kvs, prefixes
+        new_by_doc: dict[int, list[ChunkCache]] = collections.defaultdict(list)
+        for (d, _), cache in zip(batch, caches):
+            new_by_doc[d].append(cache)
+        del caches
+        for d, new in new_by_doc.items():
+            state = states[d]
+            if append_question:
+                for cache in new:
+                    state.nll[cache.index] = cache.nll
+            state.alive_max = max(state.alive_max, len(state.kept) + len(new))
+            state.kept = keep_best(state.kept + new, plans[d].keep)
+            if budget is not None:  # KV selection for the batch's chunks that survived eviction only
+                compress(state.kept, budget, cfg.pool_kernel, backend)
+            remaining[d] -= len(new)
+            if remaining[d] == 0:
+                state.kept.sort(key=lambda c: c.index)
+                if on_document_done is not None:
+                    on_document_done(d, state)
+        del new_by_doc
+        if bar is not None:
+            bar.update(len(batch))
+    if bar is not None:
+        bar.close()
+    return states

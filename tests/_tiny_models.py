@@ -80,7 +80,7 @@ TINY_VARIANTS = {
 }
 
 
-# ------------------------------------------------------------------ other families (tests/test_families.py)
+# ------------------------------------------------------------------ other families (tests/test_families_*.py)
 
 FAMILY_CLASSES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM"),
@@ -134,3 +134,23 @@ def save_tiny_family(path, family: str, *, seed: int = 0, tokenizer=None, **conf
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     return path
+
+
+# name -> (family, save_tiny_family overrides): each stresses one family feature.
+FAMILY_VARIANTS = {
+    "qwen2": ("qwen2", {}),
+    "qwen2_tied_mha": ("qwen2", dict(tie_word_embeddings=True, num_key_value_heads=4)),
+    "qwen3": ("qwen3", {}),  # head_dim 32 != 64 / 4
+    "qwen3_gqa4_attention_bias": ("qwen3", dict(num_key_value_heads=1, attention_bias=True)),
+    "mistral": ("mistral", {}),  # sliding_window null, as Mistral v0.2+ / Nemo
+    "mistral_window_covers_all": ("mistral", dict(sliding_window=4096, head_dim=32)),
+    "llama_attention_bias": ("llama", dict(attention_bias=True)),
+}
+
+
+def transformers_model(model_dir):
+    """transformers' own model of any family read from `model_dir`: float32, eager attention."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32,
+                                                attn_implementation="eager").eval()

@@ -1,30 +1,18 @@
 """Batched generation (ParallelComp.generate_batch) and the --input-jsonl command line, on tiny models."""
 import json
-import random
 
 import pytest
 import torch
 
 import parallelcomp_triton.encode as encode_mod
-import parallelcomp_triton.pipeline as pipeline_mod
-from parallelcomp_triton import Calibration, ParallelComp, ParallelCompConfig, ParallelCompError
+import parallelcomp_triton.answer as answer_mod
+from _cases import CASES, EXTRA_CASES, assert_same, case, cli_args, pairs, params
+from _tiny_pipeline import tiny_pc
+from parallelcomp_triton import ParallelComp, ParallelCompConfig, ParallelCompError
 from parallelcomp_triton.cache import CompressedKVCache
 from parallelcomp_triton.run import main
-from _tiny_pipeline import tiny_pc
 
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
-
-
-def document(n_words: int, seed: int = 0) -> str:
-    rng = random.Random(seed)
-    return " ".join(rng.choice(WORDS) for _ in range(n_words))
-
-
-# Documents of 1 to 26 chunks (chunk_tokens 61-97); "Hm" is shorter than the score window, so its
-# chunks need their own chunk_attention call inside a shared prefill batch.
-PAIRS = [(document(180, 1), "Which word comes first?"), (document(12, 2), "Name one?"),
-         (document(300, 3), "What is the last word in the text?"), (document(90, 4), "Hm")]
-
+PAIRS = pairs(CASES[0])
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -34,49 +22,25 @@ def pc():
     return tiny_pc()
 
 
-CONFIGS = {
-    "budget": ParallelCompConfig(chunk_tokens=97, keep_chunks=2, kv_budget=16, batch_chunks=3, max_new_tokens=10),
-    "no_budget_chat": ParallelCompConfig(chunk_tokens=61, keep_chunks=3, kv_budget=None, batch_chunks=4,
-                                         max_new_tokens=10, template="chat"),
-    "calibration": ParallelCompConfig(chunk_tokens=80, keep_chunks=2, kv_budget=24, batch_chunks=5,
-                                      max_new_tokens=10,
-                                      calibration=Calibration(region="sink", first_layer=1, last_layer=2,
-                                                              tau=0.02, rows=2, region_tokens=30)),
-    "sampling": ParallelCompConfig(chunk_tokens=70, keep_chunks=3, kv_budget=20, max_new_tokens=6,
-                                   temperature=1.0, top_p=0.9, seed=5),
-    "full": ParallelCompConfig(mode="full", max_new_tokens=5),
-}
-
-
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_generate_batch_equals_generate(pc, name):
-    cfg = CONFIGS[name]
-    single = [pc.generate(c, q, config=cfg) for c, q in PAIRS]
-    batch = pc.generate_batch(PAIRS, config=cfg)
-    assert len(batch) == len(PAIRS)
+@pytest.mark.parametrize("c", params(CASES + EXTRA_CASES))
+def test_generate_batch_equals_generate(pc, c):
+    batch_pairs = pairs(c)
+    single = [pc.generate(context, q, config=c.config) for context, q in batch_pairs]
+    batch = pc.generate_batch(batch_pairs, config=c.config)
+    assert len(batch) == len(batch_pairs)
     for one, many in zip(single, batch):
-        assert many.token_ids == one.token_ids
-        assert many.text == one.text
-        for key in ("chunk_spans", "kept_chunks", "kv_tokens_per_layer_before", "kv_tokens_per_layer_after",
-                    "question_position"):
-            assert many.stats[key] == one.stats[key], key
-        assert many.stats["chunk_nll_all"] == pytest.approx(one.stats["chunk_nll_all"], abs=1e-4)
-        assert many.stats["batch_documents"] == len(PAIRS)
-        assert sorted(many.kept_positions) == sorted(one.kept_positions)
-        for c in one.kept_positions:
-            assert all(torch.equal(a, b) for a, b in zip(many.kept_positions[c], one.kept_positions[c]))
-    if cfg.mode == "parallelcomp":
-        assert len({len(r.stats["chunk_spans"]) for r in single}) == len(PAIRS)  # different chunk counts
-    if cfg.calibration is not None:
-        assert [r.stats["calibration_masked_per_head"] for r in batch] == \
-               [r.stats["calibration_masked_per_head"] for r in single]
+        # Chunks of several documents share prefill batches: NLLs equal up to float rounding.
+        assert_same(many, one, exact_nll=False)
+        assert many.stats.batch_documents == len(batch_pairs)
+    if c.config.mode == "parallelcomp":
+        assert len({len(r.stats.chunk_spans) for r in single}) == len(batch_pairs)  # different chunk counts
 
 
 def test_prefill_batches_pack_chunks_across_documents(pc, monkeypatch):
     """Prefill calls hold batch_chunks chunks regardless of document boundaries, and each document keeps
     at most K chunk caches plus one batch alive."""
     cfg = ParallelCompConfig(chunk_tokens=97, keep_chunks=2, kv_budget=16, batch_chunks=3, max_new_tokens=2)
-    pairs = [PAIRS[0], PAIRS[2]]  # 10 + 16 byte-level chunks, both questions longer than the window
+    two = [PAIRS[0], PAIRS[2]]  # both questions longer than the score window
     seq_counts = []
     real = encode_mod.chunk_attention
 
@@ -87,15 +51,15 @@ def test_prefill_batches_pack_chunks_across_documents(pc, monkeypatch):
 
     # The chunks' K/V are computed by encode.encode_chunks (the question rows by score.score_chunks).
     monkeypatch.setattr(encode_mod, "chunk_attention", spy)
-    res = pc.generate_batch(pairs, config=cfg)
-    chunks = [len(r.stats["chunk_spans"]) for r in res]
+    res = pc.generate_batch(two, config=cfg)
+    chunks = [len(r.stats.chunk_spans) for r in res]
     total = sum(chunks)
     layers = pc.args.num_layers
     expected = [min(3, total - i) for i in range(0, total, 3)]
     assert chunks[0] % 3 != 0  # one batch straddles the two documents
     assert seq_counts == [n for n in expected for _ in range(layers)]
     for r in res:
-        assert r.stats["max_alive_chunk_caches"] <= cfg.keep_chunks + cfg.batch_chunks
+        assert r.stats.max_alive_chunk_caches <= cfg.keep_chunks + cfg.batch_chunks
 
 
 def test_finished_sequences_leave_the_batch(pc, monkeypatch):
@@ -111,14 +75,14 @@ def test_finished_sequences_leave_the_batch(pc, monkeypatch):
     assert len(single[0]) == stop and max(len(s) for s in single) == 12
 
     decode_rows = []
-    real = pipeline_mod.decode_attention
+    real = answer_mod.decode_attention
 
     def spy(q, k_cache, v_cache, cache_lens, **kw):
         assert k_cache.shape[0] == q.shape[0] == cache_lens.shape[0]
         decode_rows.append(q.shape[0])
         return real(q, k_cache, v_cache, cache_lens, **kw)
 
-    monkeypatch.setattr(pipeline_mod, "decode_attention", spy)
+    monkeypatch.setattr(answer_mod, "decode_attention", spy)
     batch = pc.generate_batch(PAIRS, config=cfg)
     assert [r.token_ids for r in batch] == single
     # Sequence i runs one decode step per token after the first (its EOS included, if it met one).
@@ -170,8 +134,8 @@ def test_keep_rows_compacts_in_place():
 # ---------------------------------------------------------------------------------------------- CLI
 
 
-CLI_CONFIG = ["--chunk-tokens", "90", "--keep-chunks", "2", "--kv-budget", "16", "--max-new-tokens", "6",
-              "--batch-chunks", "3", "--no-progress"]
+CLI_CASE = case("budget_chat_k2_b3")
+CLI_CONFIG = cli_args(CLI_CASE.config)
 
 
 def write_lines(path, lines):
@@ -214,11 +178,8 @@ def test_jsonl_answers_in_order_and_bad_lines_reported(model_dir, tmp_path, caps
     assert [r.get("id", "-") for r in answered] == ["a", "-", 7, None]
     # Same answers as one at a time through the Python API.
     pc = ParallelComp.from_pretrained(model_dir)
-    args = dict(zip(CLI_CONFIG[0:8:2], CLI_CONFIG[1:8:2]))
-    cfg = ParallelCompConfig(chunk_tokens=int(args["--chunk-tokens"]), keep_chunks=int(args["--keep-chunks"]),
-                             kv_budget=int(args["--kv-budget"]), max_new_tokens=int(args["--max-new-tokens"]))
     for r, g in zip(answered, good):
-        res = pc.generate(g["context"], g["question"], config=cfg)
+        res = pc.generate(g["context"], g["question"], config=CLI_CASE.config)
         assert r["token_ids"] == res.token_ids
         assert r["answer"] == res.text.strip()
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from _device import DEVICE, ON_GPU
-from parallelcomp_triton.kernels._backend import triton_interpret_enabled
+from parallelcomp_triton.kernels.dispatch import triton_interpret_enabled
 
 # The package re-exports the function `chunk_attention`, which shadows the submodule attribute.
 ca = importlib.import_module("parallelcomp_triton.kernels.chunk_attention")

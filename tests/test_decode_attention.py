@@ -8,7 +8,7 @@ import torch
 
 from _device import DEVICE
 from parallelcomp_triton.errors import ParallelCompError
-from parallelcomp_triton.kernels._backend import triton_interpret_enabled
+from parallelcomp_triton.kernels.dispatch import triton_interpret_enabled
 
 # The module, not the same-named function the package re-exports.
 da = importlib.import_module("parallelcomp_triton.kernels.decode_attention")

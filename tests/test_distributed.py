@@ -2,7 +2,6 @@
 exactly what one process answers."""
 import json
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -10,20 +9,12 @@ import sys
 import pytest
 import torch
 
-from parallelcomp_triton import ParallelComp, ParallelCompConfig
+from _cases import DISTRIBUTED, DOCUMENTS, QUESTIONS, case, cli_args, pairs, params
+from parallelcomp_triton import ParallelComp
 from parallelcomp_triton.distributed import chunk_shares
 from parallelcomp_triton.run import main
 
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
-# chat template: a shared prefix, which rank 0 must hold for every document (it owns every chunk 0).
-CONFIG = dict(template="chat", chunk_tokens=150, keep_chunks=3, kv_budget=32, batch_chunks=2, max_new_tokens=8)
-CLI_CONFIG = ["--template", "chat", "--chunk-tokens", "150", "--keep-chunks", "3", "--kv-budget", "32",
-              "--batch-chunks", "2", "--max-new-tokens", "8", "--no-progress"]
-
-
-def document(n_words: int, seed: int = 0) -> str:
-    rng = random.Random(seed)
-    return " ".join(rng.choice(WORDS) for _ in range(n_words))
+RUNS = params(map(case, DISTRIBUTED))
 
 
 @pytest.fixture(scope="module")
@@ -62,69 +53,73 @@ def test_distributed_without_torchrun_is_one_line_error(model_dir, tmp_path, mon
     for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
     doc = tmp_path / "doc.txt"
-    doc.write_text(document(50))
+    doc.write_text(DOCUMENTS["d90"])
     assert main(["--model", str(model_dir), "--input", str(doc), "--question", "q", "--distributed"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "torchrun" in err[0]
 
 
-def expected_kv_bytes(pc, res, rank: int, world: int) -> int:
-    """Bytes rank `rank` sends: K/V and int32 positions of the kept chunks it owns."""
+def expected_kv_bytes(pc, res, budget, rank: int, world: int) -> int:
+    """Bytes rank `rank` sends: K/V of the kept chunks it owns, and their int32 kept positions (KV eviction
+    only: without a budget every position is kept)."""
     a, st = pc.args, res.stats
-    owned = chunk_shares(len(st["chunk_spans"]), world)[rank]
+    owned = chunk_shares(len(st.chunk_spans), world)[rank]
+    per_token = 2 * a.head_dim * pc.model.embed_tokens.weight.element_size() + (4 if budget is not None else 0)
     total = 0
-    for c in st["kept_chunks"]:
+    for c in st.kept_chunks:
         if c in owned and rank != 0:
-            s, e = st["chunk_spans"][c]
-            n = min(CONFIG["kv_budget"], e - s)
-            total += a.num_layers * a.num_kv_heads * n * (2 * a.head_dim * pc.model.embed_tokens.weight.element_size() + 4)
+            s, e = st.chunk_spans[c]
+            n = e - s if budget is None else min(budget, e - s)
+            total += a.num_layers * a.num_kv_heads * n * per_token
     return total
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_equal_one_process(pc, model_dir, tmp_path):
-    context, question = document(400, seed=1), "Which word comes first?"
+@pytest.mark.parametrize("c", RUNS)
+def test_two_gloo_ranks_equal_one_process(pc, model_dir, tmp_path, c):
+    context, question = c.context, c.question
     doc = tmp_path / "doc.txt"
     doc.write_text(context)
     proc = torchrun(2, "--model", str(model_dir), "--input", str(doc), "--question", question, "--json",
-                    *CLI_CONFIG)
+                    *cli_args(c.config))
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1  # rank 1 prints nothing
     got = json.loads(lines[0])
-    want = pc.generate(context, question, config=ParallelCompConfig(**CONFIG))
+    want = pc.generate(context, question, config=c.config)
     assert got["token_ids"] == want.token_ids and len(want.token_ids) > 0
     st = got["stats"]
-    assert st["kept_chunks"] == want.stats["kept_chunks"]
-    assert st["chunk_nll_all"] == pytest.approx(want.stats["chunk_nll_all"], abs=1e-4)
-    assert st["kv_tokens_per_layer_after"] == want.stats["kv_tokens_per_layer_after"]
+    assert st["kept_chunks"] == want.stats.kept_chunks
+    assert st["chunk_nll_all"] == pytest.approx(want.stats.chunk_nll_all, abs=1e-4)
+    assert st["kv_tokens_per_layer_after"] == want.stats.kv_tokens_per_layer_after
     dist = st["distributed"]
     n = len(st["chunk_spans"])
     assert dist["world_size"] == 2 and dist["backend"] == "gloo" and n >= 10
     assert dist["chunks_per_rank"] == [len(s) for s in chunk_shares(n, 2)]
-    assert dist["kv_bytes_sent_per_rank"] == [expected_kv_bytes(pc, want, r, 2) for r in range(2)]
+    budget = c.config.kv_budget
+    assert dist["kv_bytes_sent_per_rank"] == [expected_kv_bytes(pc, want, budget, r, 2) for r in range(2)]
     assert dist["kv_bytes_sent_per_rank"][1] > 0  # the test is only meaningful if rank 1 owns a winner
     assert all(b > 0 for b in dist["score_bytes_sent_per_rank"])
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_answer_jsonl_like_generate_batch(pc, model_dir, tmp_path):
+@pytest.mark.parametrize("c", RUNS)
+def test_two_gloo_ranks_answer_jsonl_like_generate_batch(pc, model_dir, tmp_path, c):
     """Several documents, one with fewer chunks than ranks (rank 1 has nothing of it)."""
-    pairs = [(document(20, seed=2), "Name one?"), (document(400, seed=3), "What is the last word?"),
-             (document(120, seed=4), "Hm")]
+    batch = pairs(c)
     path = tmp_path / "in.jsonl"
-    path.write_text("".join(json.dumps({"id": i, "context": c, "question": q}) + "\n"
-                            for i, (c, q) in enumerate(pairs)))
-    proc = torchrun(2, "--model", str(model_dir), "--input-jsonl", str(path), "--json", "--batch-docs", "3",
-                    *CLI_CONFIG)
+    path.write_text("".join(json.dumps({"id": i, "context": context, "question": q}) + "\n"
+                            for i, (context, q) in enumerate(batch)))
+    proc = torchrun(2, "--model", str(model_dir), "--input-jsonl", str(path), "--json", "--batch-docs",
+                    str(len(batch)), *cli_args(c.config))
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in proc.stdout.strip().splitlines()]
-    assert [r["id"] for r in records] == [0, 1, 2]
-    want = pc.generate_batch(pairs, config=ParallelCompConfig(**CONFIG))
-    assert [len(w.stats["chunk_spans"]) for w in want][0] == 1
+    assert [r["id"] for r in records] == list(range(len(batch)))
+    want = pc.generate_batch(batch, config=c.config)
+    assert min(len(w.stats.chunk_spans) for w in want) == 1
     for r, w in zip(records, want):
         assert r["token_ids"] == w.token_ids
-        assert r["stats"]["kept_chunks"] == w.stats["kept_chunks"]
+        assert r["stats"]["kept_chunks"] == w.stats.kept_chunks
         assert r["stats"]["distributed"]["world_size"] == 2
 
 
@@ -133,7 +128,7 @@ def test_bad_input_under_torchrun_one_line_from_rank0_no_hang(model_dir, tmp_pat
     """Only rank 0 reads the input: it tells the other ranks, and they exit 2 without hanging (torchrun then
     exits 1)."""
     proc = torchrun(2, "--model", str(model_dir), "--input", str(tmp_path / "missing.txt"), "--question", "q",
-                    *CLI_CONFIG)
+                    *cli_args(case(DISTRIBUTED[0]).config))
     assert proc.returncode != 0 and proc.stdout == ""
     ours = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert ours == [f"error: {tmp_path / 'missing.txt'}: no such file"]
@@ -141,38 +136,39 @@ def test_bad_input_under_torchrun_one_line_from_rank0_no_hang(model_dir, tmp_pat
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_encode_and_answer_from_the_encoding(pc, model_dir, tmp_path):
+@pytest.mark.parametrize("c", RUNS)
+def test_two_gloo_ranks_encode_and_answer_from_the_encoding(pc, model_dir, tmp_path, c):
     """--save-encoding under --distributed: each rank writes its share of the chunks into one directory that
     loads as a complete encoding in one process; answers (there, and from it under --encoding in a new
     torchrun) equal one process's fresh answers; the chunk files hold what one process encodes."""
-    context, questions = document(400, seed=3), ["Which word comes first?", "Which word comes last?"]
+    context, questions = c.context, QUESTIONS[:2]
     doc, enc = tmp_path / "doc.txt", tmp_path / "enc"
     doc.write_text(context)
     ask = [arg for q in questions for arg in ("--question", q)]
     proc = torchrun(2, "--model", str(model_dir), "--input", str(doc), *ask, "--save-encoding", str(enc), "--json",
-                    *CLI_CONFIG)
+                    *cli_args(c.config))
     assert proc.returncode == 0, proc.stderr[-3000:]
     saved = [json.loads(line) for line in proc.stdout.strip().splitlines()]
-    cfg = ParallelCompConfig(**CONFIG)
+    cfg = c.config
     want = [pc.generate(context, q, config=cfg) for q in questions]
     assert [o["question"] for o in saved] == questions
     assert [o["token_ids"] for o in saved] == [w.token_ids for w in want]
     assert all(len(w.token_ids) > 0 for w in want)
-    assert saved[0]["stats"]["kept_chunks"] == want[0].stats["kept_chunks"]
+    assert saved[0]["stats"]["kept_chunks"] == want[0].stats.kept_chunks
     assert saved[0]["stats"]["distributed"]["chunks_per_rank"][1] > 0
 
     encoded = pc.load_encoded(enc)  # complete: every rank's files listed and present
     n = len(encoded.spans)
     assert n >= 10 and not [p for p in os.listdir(tmp_path) if p.startswith(".enc.")]  # no temporary left
     mine = pc.encode(context, config=cfg)
-    for c in (0, n - 1):  # rank 0's first chunk and rank 1's last
-        a, b = encoded.load_chunk(c), mine.load_chunk(c)
+    for i in (0, n - 1):  # rank 0's first chunk and rank 1's last
+        a, b = encoded.load_chunk(i), mine.load_chunk(i)
         assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(a.keys + a.values, b.keys + b.values))
     assert [pc.generate(encoded, q, config=encoded.config(cfg)).token_ids for q in questions] == \
         [w.token_ids for w in want]
 
     proc = torchrun(2, "--model", str(model_dir), "--encoding", str(enc), "--question", questions[1], "--json",
-                    *CLI_CONFIG)
+                    *cli_args(c.config))
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["token_ids"] == want[1].token_ids

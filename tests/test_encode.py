@@ -3,7 +3,6 @@ K/V, same batches, same functions), on disk and in a new process, through the AP
 made under other settings, or damaged, are refused in one line."""
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -11,39 +10,12 @@ import sys
 import pytest
 import torch
 
-from parallelcomp_triton import Calibration, ParallelComp, ParallelCompConfig, ParallelCompError
-from parallelcomp_triton.encode import EncodedDocument
-from parallelcomp_triton.run import main
+from _cases import (CASES, DOCUMENTS, EXTRA_CASES, QUESTIONS, assert_same, case, changed_fields, cli_args, params,
+                    raises_one_line)
 from _tiny_pipeline import tiny_pc
-
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
-# "Hm" is shorter than the score window (8): its chunks score with a window of its own length.
-QUESTIONS = ["Which word comes first?", "What is the last word in the text?", "Hm", "Which word is last? It is"]
-
-
-def document(n_words: int, seed: int = 0) -> str:
-    rng = random.Random(seed)
-    return " ".join(rng.choice(WORDS) for _ in range(n_words))
-
-
-DOC = document(260, seed=3)
-
-CONFIGS = {
-    "budget_chat_k2_b3": ParallelCompConfig(chunk_tokens=97, keep_chunks=2, kv_budget=16, batch_chunks=3,
-                                            max_new_tokens=8, template="chat"),
-    "no_budget_k3_b1": ParallelCompConfig(chunk_tokens=97, keep_chunks=3, kv_budget=None, batch_chunks=1,
-                                          max_new_tokens=8, template="plain"),
-    "calibration_k2_b3": ParallelCompConfig(chunk_tokens=80, keep_chunks=2, kv_budget=24, batch_chunks=3,
-                                            max_new_tokens=8, instruction="Read this.", template="plain",
-                                            calibration=Calibration(region="sink", first_layer=1, last_layer=2,
-                                                                    tau=0.02, rows=2, region_tokens=30)),
-    "k1_b1_suffix": ParallelCompConfig(chunk_tokens=120, keep_chunks=1, kv_budget=12, batch_chunks=1,
-                                       max_new_tokens=8, score_tokens="suffix", template="plain"),
-    # the default template (chat here) with a cue question: the answer's start opens the assistant's turn
-    "auto_cue_k2_b2": ParallelCompConfig(chunk_tokens=97, keep_chunks=2, kv_budget=16, batch_chunks=2,
-                                         max_new_tokens=8),
-}
-
+from parallelcomp_triton import ParallelComp, ParallelCompConfig, ParallelCompError
+from parallelcomp_triton.run import main
+from parallelcomp_triton.storage import EncodedDocument
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -53,33 +25,16 @@ def pc():
     return tiny_pc()
 
 
-def assert_same(encoded, fresh, exact_nll=True):
-    assert encoded.token_ids == fresh.token_ids
-    assert encoded.text == fresh.text
-    for key in ("chunk_spans", "kept_chunks", "kv_tokens_per_layer_before", "kv_tokens_per_layer_after",
-                "question_position", "prefix_tokens", "question_tokens", "document_tokens"):
-        assert encoded.stats[key] == fresh.stats[key], key
-    if exact_nll:
-        assert encoded.stats["chunk_nll_all"] == fresh.stats["chunk_nll_all"]
-    else:
-        assert encoded.stats["chunk_nll_all"] == pytest.approx(fresh.stats["chunk_nll_all"], abs=1e-4)
-    assert sorted(encoded.kept_positions) == sorted(fresh.kept_positions)
-    for c in fresh.kept_positions:
-        # .cpu(): benchmarks/gpu_check.py compares a GPU run with a CPU one through this too
-        assert all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(encoded.kept_positions[c], fresh.kept_positions[c]))
-    assert encoded.stats.get("calibration_masked_per_head") == fresh.stats.get("calibration_masked_per_head")
-
-
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_encoded_equals_fresh(pc, name):
-    cfg = CONFIGS[name]
-    with pc.encode(DOC, cfg) as encoded:
+@pytest.mark.parametrize("c", params(c for c in CASES + EXTRA_CASES if c.config.mode == "parallelcomp"))
+def test_encoded_equals_fresh(pc, c):
+    cfg = c.config
+    with pc.encode(c.context, cfg) as encoded:
         assert len(encoded.spans) >= 5
-        for question in QUESTIONS:
-            fresh = pc.generate(DOC, question, config=cfg)
+        for question in dict.fromkeys([c.question, *QUESTIONS]):
+            fresh = pc.generate(c.context, question, config=cfg)
             got = pc.generate(encoded, question, config=cfg)
             assert_same(got, fresh)
-            assert got.stats["encoding"] == str(encoded.path) and "encoding" not in fresh.stats
+            assert got.stats.encoding == str(encoded.path) and fresh.stats.encoding is None
             assert len(fresh.token_ids) > 0
         if cfg.kv_budget is not None:
             assert fresh.kept_positions
@@ -88,14 +43,13 @@ def test_encoded_equals_fresh(pc, name):
 def test_encoded_chunk_nll_equals_plain_causal_nll(pc):
     """The stored K/V and last hidden state, scored at their positions, give each chunk the question NLL of
     one plain causal pass over prefix + chunk + suffix (the ground truth chunk ranking rests on)."""
-    cfg = CONFIGS["calibration_k2_b3"]
-    question = QUESTIONS[0]
-    with pc.encode(DOC, cfg) as encoded:
-        res = pc.generate(encoded, question, config=cfg)
-    toks = pc.prepare(cfg, DOC, question).toks
+    c = case("calibration_k2_b3")
+    with pc.encode(c.context, c.config) as encoded:
+        res = pc.generate(encoded, c.question, config=c.config)
+    toks = pc.plan(c.context, c.question, c.config).toks
     a, b = toks.question
     assert toks.prefix
-    for (s, e), nll in zip(res.stats["chunk_spans"], res.stats["chunk_nll_all"]):
+    for (s, e), nll in zip(res.stats.chunk_spans, res.stats.chunk_nll_all):
         ids = toks.prefix + toks.document[s:e] + toks.suffix
         logits = pc.model.logits(torch.tensor([ids]))[0]
         q0 = len(ids) - len(toks.suffix)
@@ -104,28 +58,30 @@ def test_encoded_chunk_nll_equals_plain_causal_nll(pc):
 
 
 def test_generate_batch_with_encoded_documents(pc):
-    cfg = CONFIGS["budget_chat_k2_b3"]
-    docs = [DOC, document(150, seed=4), document(40, seed=5)]
+    c = case("budget_chat_k2_b3")
+    cfg = c.config
+    docs = [c.context, DOCUMENTS["d90"], DOCUMENTS["d12"]]
     encodings = [pc.encode(d, cfg) for d in docs[:2]]
     try:
-        pairs = [(encodings[0], QUESTIONS[0]), (encodings[1], QUESTIONS[2]), (encodings[0], QUESTIONS[1])]
+        encoded = [(encodings[0], QUESTIONS[0]), (encodings[1], QUESTIONS[2]), (encodings[0], QUESTIONS[1])]
         mixed = [(encodings[0], QUESTIONS[0]), (docs[2], QUESTIONS[1]), (encodings[1], QUESTIONS[2])]
-        for batch in (pairs, mixed):
+        for batch in (encoded, mixed):
             results = pc.generate_batch(batch, config=cfg)
             for (context, question), got in zip(batch, results):
                 text = docs[encodings.index(context)] if isinstance(context, EncodedDocument) else context
                 # Chunks of several documents share score batches: equal up to float rounding, as for text.
                 assert_same(got, pc.generate(text, question, config=cfg), exact_nll=False)
                 assert_same(got, pc.generate(context, question, config=cfg), exact_nll=False)
-                assert got.stats["batch_documents"] == 3
+                assert got.stats.batch_documents == 3
     finally:
         for e in encodings:
             e.close()
 
 
 def test_temporary_encoding_is_removed_and_save_is_atomic(pc, tmp_path):
-    cfg = CONFIGS["no_budget_k3_b1"]
-    encoded = pc.encode(DOC, cfg)
+    c = case("no_budget_k3_b1")
+    cfg, doc = c.config, c.context
+    encoded = pc.encode(doc, cfg)
     temp = encoded.path
     assert (temp / "meta.json").is_file() and (temp / "chunk_00000.safetensors").is_file()
     saved = encoded.save(tmp_path / "enc")
@@ -134,52 +90,51 @@ def test_temporary_encoding_is_removed_and_save_is_atomic(pc, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["enc"]  # no temporary sibling left behind
     names = sorted(p.name for p in saved.path.iterdir())
     assert names[-1] == "meta.json" and names[0] == "chunk_00000.safetensors" and "prefix.safetensors" not in names
-    res = pc.generate(pc.load_encoded(saved.path), QUESTIONS[0], config=cfg)
-    assert_same(res, pc.generate(DOC, QUESTIONS[0], config=cfg))
+    res = pc.generate(pc.load_encoded(saved.path), c.question, config=cfg)
+    assert_same(res, pc.generate(doc, c.question, config=cfg))
     # Encoding again into the same directory replaces it; a directory holding something else is refused.
-    pc.encode(document(30, seed=1), cfg, path=saved.path)
+    pc.encode(DOCUMENTS["d12"], cfg, path=saved.path)
     assert pc.load_encoded(saved.path).meta["document"] != saved.meta["document"]
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("keep me")
     with pytest.raises(ParallelCompError, match="not an encoding"):
-        pc.encode(DOC, cfg, path=other)
+        pc.encode(doc, cfg, path=other)
     assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
 
 
-@pytest.mark.parametrize("name", ["budget_chat_k2_b3", "no_budget_k3_b1"])
-def test_next_batch_is_read_ahead_while_this_one_is_scored(pc, monkeypatch, name):
+@pytest.mark.parametrize("c", params(map(case, ["budget_chat_k2_b3", "no_budget_k3_b1"])))
+def test_next_batch_is_read_ahead_while_this_one_is_scored(pc, monkeypatch, c):
     """Every chunk file of the encoding but the first batch's is handed to the read-ahead once, the next
     batch's before this batch's K/V is loaded (so a cold encoding is read on another core while this batch
     is scored); the answer is the same as without it."""
-    import parallelcomp_triton.encode as encode
-    import parallelcomp_triton.pipeline as pipeline
+    import parallelcomp_triton.storage as storage
 
-    cfg = CONFIGS[name]
+    cfg = c.config
     events = []
-    monkeypatch.setattr(pipeline, "read_ahead", lambda paths: events.extend(("ahead", p.name) for p in paths))
+    monkeypatch.setattr(pc.read_ahead, "submit", lambda paths: events.extend(("ahead", p.name) for p in paths))
     load_chunk = EncodedDocument.load_chunk
     monkeypatch.setattr(EncodedDocument, "load_chunk",
-                        lambda self, c, device="cpu": events.append(("load", encode.chunk_file(c)))
-                        or load_chunk(self, c, device))
-    with pc.encode(DOC, cfg) as encoded:
+                        lambda self, i, device="cpu": events.append(("load", storage.chunk_file(i)))
+                        or load_chunk(self, i, device))
+    with pc.encode(c.context, cfg) as encoded:
         events.clear()
         got = pc.generate(encoded, QUESTIONS[1], config=cfg)
         n = len(encoded.spans)
-    files = [encode.chunk_file(c) for c in range(n)]
+    files = [storage.chunk_file(i) for i in range(n)]
     b = cfg.batch_chunks
     assert [f for kind, f in events if kind == "ahead"] == files[b:]
     assert [f for kind, f in events if kind == "load"] == files
-    for c, f in enumerate(files):
+    for i, f in enumerate(files):
         ahead_by_then = {g for kind, g in events[:events.index(("load", f))] if kind == "ahead"}
-        assert ahead_by_then == set(files[b:(c // b + 2) * b]), f  # up to the end of the next batch
-    assert_same(got, pc.generate(DOC, QUESTIONS[1], config=cfg))
+        assert ahead_by_then == set(files[b:(i // b + 2) * b]), f  # up to the end of the next batch
+    assert_same(got, pc.generate(c.context, QUESTIONS[1], config=cfg))
 
 
 def test_read_ahead_reads_whole_files_and_ignores_missing_ones(tmp_path, monkeypatch):
     """Each file is passed through whole (sendfile to /dev/null, or reads where that fails); a missing file
     and a directory are skipped without an error; with one CPU the kernel is advised instead."""
-    import parallelcomp_triton.encode as encode
+    import parallelcomp_triton.read_ahead as read_ahead
 
     data = os.urandom(3 * 1000 + 17)
     (tmp_path / "a").write_bytes(data)
@@ -192,8 +147,8 @@ def test_read_ahead_reads_whole_files_and_ignores_missing_ones(tmp_path, monkeyp
         sent.append((offset, n))
         return n
 
-    monkeypatch.setattr(encode.os, "sendfile", sendfile)
-    encode._read_through(paths, block=1000)
+    monkeypatch.setattr(read_ahead.os, "sendfile", sendfile)
+    read_ahead.read_through(paths, block=1000)
     assert [o for o, _ in sent] == [0, 1000, 2000, 3000] and sum(n for _, n in sent) == len(data)
 
     class Spy:  # the fallback: reads
@@ -217,29 +172,28 @@ def test_read_ahead_reads_whole_files_and_ignores_missing_ones(tmp_path, monkeyp
     def no_sendfile(*args):
         raise OSError(22, "Invalid argument")
 
-    monkeypatch.setattr(encode.os, "sendfile", no_sendfile)
-    monkeypatch.setattr(encode, "open", Spy, raising=False)
-    encode._read_through(paths, block=1000)
+    monkeypatch.setattr(read_ahead.os, "sendfile", no_sendfile)
+    monkeypatch.setattr(read_ahead, "open", Spy, raising=False)
+    read_ahead.read_through(paths, block=1000)
     assert sum(reads) == len(data) and reads[-1] == 0
-    encode._advise_will_need([tmp_path / "missing", tmp_path / "a"])  # advice: a missing file is no error
+    read_ahead.advise_will_need([tmp_path / "missing", tmp_path / "a"])  # advice: a missing file is no error
     # With one CPU there is no core to read on: the kernel is advised instead, no thread started.
-    monkeypatch.setattr(encode.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    monkeypatch.setattr(read_ahead.os, "sched_getaffinity", lambda pid: {0}, raising=False)
     advised = []
-    monkeypatch.setattr(encode, "_advise_will_need", advised.append)
-    monkeypatch.setattr(encode, "_READER", None)
-    encode.read_ahead([tmp_path / "a"])
-    assert advised == [[tmp_path / "a"]] and encode._READER is None
+    monkeypatch.setattr(read_ahead, "advise_will_need", advised.append)
+    reader = read_ahead.ReadAhead()
+    reader.submit([tmp_path / "a"])
+    assert advised == [[tmp_path / "a"]] and reader.pool is None
 
 
 def test_read_ahead_drops_a_job_that_has_not_started_when_the_next_comes(tmp_path, monkeypatch):
     """The reader never falls more than one batch behind: a queued read the scoring has overtaken is dropped."""
     import threading
 
-    import parallelcomp_triton.encode as encode
+    import parallelcomp_triton.read_ahead as read_ahead
 
-    monkeypatch.setattr(encode.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    monkeypatch.setattr(encode, "_READER", None)
-    monkeypatch.setattr(encode, "_QUEUED", [])
+    monkeypatch.setattr(read_ahead.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    reader = read_ahead.ReadAhead()
     started, gate, read = threading.Event(), threading.Event(), []
 
     def read_through(paths):
@@ -247,85 +201,102 @@ def test_read_ahead_drops_a_job_that_has_not_started_when_the_next_comes(tmp_pat
         gate.wait(10)
         read.append(paths)
 
-    monkeypatch.setattr(encode, "_read_through", read_through)
-    encode.read_ahead([tmp_path / "a"])
+    monkeypatch.setattr(read_ahead, "read_through", read_through)
+    reader.submit([tmp_path / "a"])
     assert started.wait(10)
     for name in "bcd":
-        encode.read_ahead([tmp_path / name])
+        reader.submit([tmp_path / name])
     gate.set()
-    encode._READER.shutdown(wait=True)
+    reader.pool.shutdown(wait=True)
     # "a" was running when "b" came, "b" and "c" were dropped while still queued, "d" is the newest.
     assert read == [[tmp_path / "a"], [tmp_path / "d"]]
 
 
-def one_line(excinfo) -> str:
-    msg = str(excinfo.value)
-    assert "\n" not in msg and msg
-    return msg
+REFUSAL_CASE = case("calibration_k2_b3")
 
 
-def test_refusals(pc, tmp_path):
-    cfg = CONFIGS["calibration_k2_b3"]
-    path = tmp_path / "enc"
-    encoded = pc.encode(DOC, cfg, path=path)
-    # Another model (same shapes and tokenizer, other weights), another dtype.
+@pytest.fixture(scope="module")
+def saved(pc, tmp_path_factory):
+    """An encoding on disk, made under REFUSAL_CASE's settings; tests copy it before damaging it."""
+    path = tmp_path_factory.mktemp("refusals") / "enc"
+    pc.encode(REFUSAL_CASE.context, REFUSAL_CASE.config, path=path)
+    return path
+
+
+def test_another_model_or_dtype_is_refused(pc, saved):
+    cfg = REFUSAL_CASE.config
+    encoded = pc.load_encoded(saved)
+    # Another model: same shapes and tokenizer, other weights.
     other = tiny_pc(seed=1)
-    for action in (lambda: other.load_encoded(path), lambda: other.generate(encoded, "Q?", config=cfg)):
-        with pytest.raises(ParallelCompError) as e:
-            action()
-        assert "another model" in one_line(e)
-    bf16 = tiny_pc(dtype=torch.bfloat16)
-    with pytest.raises(ParallelCompError) as e:
-        bf16.load_encoded(path)
-    assert "float32" in one_line(e) and "bfloat16" in one_line(e)
-    # Another template prefix, other chunking, another mode.
-    other_template = "plain" if cfg.template != "plain" else "chat"
-    for changed, expect in (({"instruction": "Other task."}, "template prefix"),
-                            ({"template": other_template}, "template prefix"),
-                            ({"chunk_tokens": 81}, "chunk_tokens"), ({"snap_to_sentences": False}, "snap_to_sentences"),
-                            ({"window": 2000}, "window"), ({"mode": "full"}, "parallelcomp")):
-        bad = ParallelCompConfig(**{**cfg.__dict__, **changed})
-        with pytest.raises(ParallelCompError) as e:
-            pc.generate(encoded, "Q?", config=bad)
-        assert expect in one_line(e), changed
-    # ... which the encoding's own settings fix.
+    raises_one_line(lambda: other.load_encoded(saved), "another model")
+    raises_one_line(lambda: other.generate(encoded, "Q?", config=cfg), "another model")
+    raises_one_line(lambda: tiny_pc(dtype=torch.bfloat16).load_encoded(saved), "float32", "bfloat16")
+
+
+# id, settings changed from the encoding's, words of the one-line refusal
+OTHER_SETTINGS = [
+    ("instruction", {"instruction": "Other task."}, ["template prefix"]),
+    ("template", {"template": "chat" if REFUSAL_CASE.config.template == "plain" else "plain"}, ["template prefix"]),
+    ("chunk_tokens", {"chunk_tokens": 81}, ["chunk_tokens"]),
+    ("snap_to_sentences", {"snap_to_sentences": False}, ["snap_to_sentences"]),
+    ("window", {"window": 2000}, ["window"]),
+    ("mode", {"mode": "full"}, ["parallelcomp"]),
+]
+
+
+@pytest.mark.parametrize("changed,words", [pytest.param(*row, id=i) for i, *row in OTHER_SETTINGS])
+def test_encoding_made_under_other_settings_is_refused(pc, saved, changed, words):
+    bad = ParallelCompConfig(**{**REFUSAL_CASE.config.__dict__, **changed})
+    raises_one_line(lambda: pc.generate(pc.load_encoded(saved), "Q?", config=bad), *words)
+
+
+def test_the_encodings_own_settings_fix_a_config(pc, saved):
+    encoded = pc.load_encoded(saved)
     fixed = encoded.config(ParallelCompConfig(instruction="Other task.", chunk_tokens=81, max_new_tokens=3))
-    assert pc.generate(encoded, "Q?", config=fixed).stats["chunk_spans"] == [list(s) for s in encoded.spans]
+    assert pc.generate(encoded, "Q?", config=fixed).stats.chunk_spans == [list(s) for s in encoded.spans]
+
+
+def test_question_past_the_window_and_unbounded_chunks_are_refused(pc, saved):
     # A question that does not fit the window next to the encoding's longest chunk.
-    with pytest.raises(ParallelCompError) as e:
-        pc.generate(encoded, "why " * 1000, config=cfg)
-    assert "window" in one_line(e)
-    with pytest.raises(ParallelCompError) as e:
-        pc.encode(DOC, ParallelCompConfig(chunk_tokens=None))
-    assert "chunk_tokens" in one_line(e)
+    raises_one_line(lambda: pc.generate(pc.load_encoded(saved), "why " * 1000, config=REFUSAL_CASE.config),
+                    "window")
+    raises_one_line(lambda: pc.encode(REFUSAL_CASE.context, ParallelCompConfig(chunk_tokens=None)), "chunk_tokens")
 
-    def damaged(name, damage):
-        copy = tmp_path / name
-        shutil.copytree(path, copy)
-        damage(copy)
-        with pytest.raises(ParallelCompError) as e:
-            pc.load_encoded(copy)
-        return one_line(e)
 
-    def truncate(d):
-        f = d / "chunk_00002.safetensors"
-        f.write_bytes(f.read_bytes()[:-100])
+def _truncate(d):
+    f = d / "chunk_00002.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
 
-    def garble_header(d):
-        f = d / "chunk_00001.safetensors"
-        data = bytearray(f.read_bytes())
-        data[8:40] = b"x" * 32
-        f.write_bytes(bytes(data))
 
-    assert "truncated" in damaged("truncated", truncate)
-    assert "chunk_00001" in damaged("garbled", garble_header)
-    assert "missing" in damaged("missing", lambda d: (d / "chunk_00003.safetensors").unlink())
-    assert "no meta.json" in damaged("half", lambda d: (d / "meta.json").unlink())
-    assert "version" in damaged("version", lambda d: (d / "meta.json").write_text(
-        json.dumps({**json.loads((d / "meta.json").read_text()), "version": 99})))
-    with pytest.raises(ParallelCompError) as e:
-        pc.load_encoded(tmp_path / "nothing")
-    assert "no such directory" in one_line(e)
+def _garble_header(d):
+    f = d / "chunk_00001.safetensors"
+    data = bytearray(f.read_bytes())
+    data[8:40] = b"x" * 32
+    f.write_bytes(bytes(data))
+
+
+def _meta_version(d):
+    meta = json.loads((d / "meta.json").read_text())
+    (d / "meta.json").write_text(json.dumps({**meta, "version": 99}))
+
+
+# id, what is done to a saved encoding, words of the one-line refusal
+DAMAGED = [
+    ("truncated", _truncate, ["truncated"]),
+    ("garbled_header", _garble_header, ["chunk_00001"]),
+    ("missing_chunk", lambda d: (d / "chunk_00003.safetensors").unlink(), ["missing"]),
+    ("no_meta", lambda d: (d / "meta.json").unlink(), ["no meta.json"]),
+    ("other_version", _meta_version, ["version"]),
+    ("no_directory", shutil.rmtree, ["no such directory"]),
+]
+
+
+@pytest.mark.parametrize("damage,words", [pytest.param(*row, id=i) for i, *row in DAMAGED])
+def test_damaged_encoding_is_refused(pc, saved, tmp_path, damage, words):
+    copy = tmp_path / "enc"
+    shutil.copytree(saved, copy)
+    damage(copy)
+    raises_one_line(lambda: pc.load_encoded(copy), *words)
 
 
 # ------------------------------------------------------------------------------- new process and CLI
@@ -344,35 +315,36 @@ encoded = pc.load_encoded(sys.argv[2])
 cfg = ParallelCompConfig(**json.loads(sys.argv[3]))
 for q in json.loads(sys.argv[4]):
     r = pc.generate(encoded, q, config=cfg)
-    print(json.dumps({"token_ids": r.token_ids, "nll": r.stats["chunk_nll_all"], "kept": r.stats["kept_chunks"],
+    print(json.dumps({"token_ids": r.token_ids, "nll": r.stats.chunk_nll_all, "kept": r.stats.kept_chunks,
                       "positions": {c: [p.tolist() for p in ps] for c, ps in r.kept_positions.items()}}))
 """
 
 
 def test_saved_encoding_answers_alike_in_a_new_process(model_dir, tmp_path):
-    fields = dict(chunk_tokens=90, keep_chunks=2, kv_budget=16, batch_chunks=3, max_new_tokens=6, template="chat")
-    cfg = ParallelCompConfig(**fields)
+    c = case("budget_chat_k2_b3")
+    cfg = c.config
     pc = ParallelComp.from_pretrained(model_dir, dtype="float32")
-    pc.encode(DOC, cfg, path=tmp_path / "enc")
+    pc.encode(c.context, cfg, path=tmp_path / "enc")
+    fields = changed_fields(cfg)
     proc = run("-c", LOAD_AND_ANSWER, str(model_dir), str(tmp_path / "enc"), json.dumps(fields), json.dumps(QUESTIONS))
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
     assert len(lines) == len(QUESTIONS)
     for q, got in zip(QUESTIONS, lines):
-        fresh = pc.generate(DOC, q, config=cfg)
-        assert got["token_ids"] == fresh.token_ids and got["kept"] == fresh.stats["kept_chunks"]
-        assert got["nll"] == fresh.stats["chunk_nll_all"]
+        fresh = pc.generate(c.context, q, config=cfg)
+        assert got["token_ids"] == fresh.token_ids and got["kept"] == fresh.stats.kept_chunks
+        assert got["nll"] == fresh.stats.chunk_nll_all
         assert {int(c): p for c, p in got["positions"].items()} == \
                {c: [t.tolist() for t in ps] for c, ps in fresh.kept_positions.items()}
 
 
-CLI_CONFIG = ["--chunk-tokens", "90", "--keep-chunks", "2", "--kv-budget", "16", "--max-new-tokens", "6",
-              "--batch-chunks", "3", "--template", "chat", "--no-progress"]
+CLI_CASE = case("budget_chat_k2_b3")
+CLI_CONFIG = cli_args(CLI_CASE.config)
 
 
 def test_cli_many_questions_from_one_encoding(model_dir, tmp_path, capsys):
     doc = tmp_path / "doc.txt"
-    doc.write_text(DOC)
+    doc.write_text(CLI_CASE.context)
     qfile = tmp_path / "questions.txt"
     qfile.write_text("\n".join(QUESTIONS[1:]) + "\n\n")
     model = ["--model", str(model_dir), "--dtype", "float32"]
@@ -395,7 +367,7 @@ def test_cli_many_questions_from_one_encoding(model_dir, tmp_path, capsys):
     assert text_answers == [" ".join(f["answer"].splitlines()).strip() for f in fresh[1:]]
     assert (enc / "meta.json").is_file()
     args = ["-m", "parallelcomp_triton.run", "--model", str(model_dir), "--encoding", str(enc), "--json",
-            "--max-new-tokens", "6", "--keep-chunks", "2", "--kv-budget", "16", "--no-progress"]
+            *cli_args(CLI_CASE.config, only=("max_new_tokens", "keep_chunks", "kv_budget"))]
     for q in QUESTIONS:
         args += ["--question", q]
     proc = run(*args)
@@ -406,31 +378,42 @@ def test_cli_many_questions_from_one_encoding(model_dir, tmp_path, capsys):
     assert all(o["stats"]["dtype"] == "float32" for o in out)
 
 
-def test_cli_encoding_errors_are_one_line_exit_2(model_dir, tmp_path, capsys):
+# id, arguments after --model ("{doc}": a document, "{half}": an encoding without meta.json, "{tmp}": an empty
+# directory), words of the one-line error
+CLI_ERRORS = [
+    ("no_meta", ["--encoding", "{half}", "--question", "q"], "no meta.json"),
+    ("no_directory", ["--encoding", "{tmp}/none", "--question", "q"], "no such directory"),
+    ("no_question", ["--encoding", "{half}"], "--question is required"),
+    ("encoding_and_input", ["--encoding", "{half}", "--input", "{doc}", "--question", "q"], "not allowed with"),
+    ("save_without_input", ["--save-encoding", "{tmp}/e", "--demo"], "--save-encoding needs --input"),
+    ("save_distributed", ["--input", "{doc}", "--question", "q", "--save-encoding", "{tmp}/e", "--distributed"],
+     "--distributed"),
+    ("no_questions_file", ["--input", "{doc}", "--questions", "{tmp}/missing.txt"], "no such file"),
+    ("question_past_window", ["--input", "{doc}", "--question", "q", "--question", "why " * 2000, *CLI_CONFIG],
+     "window"),
+]
+
+
+@pytest.mark.parametrize("args,expect", [pytest.param(*row, id=i) for i, *row in CLI_ERRORS])
+def test_cli_encoding_errors_are_one_line_exit_2(model_dir, tmp_path, capsys, args, expect):
     doc = tmp_path / "doc.txt"
-    doc.write_text(DOC)
+    doc.write_text(CLI_CASE.context)
     half = tmp_path / "half"
     half.mkdir()
     (half / "chunk_00000.safetensors").write_bytes(b"")
+    argv = ["--model", str(model_dir), "--dtype", "float32",
+            *(a.format(doc=doc, half=half, tmp=tmp_path) for a in args)]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and expect in lines[0], captured.err
+    assert captured.out == ""
+
+
+def test_cli_refuses_an_encoding_of_another_dtype(model_dir, tmp_path, capsys):
+    doc = tmp_path / "doc.txt"
+    doc.write_text(CLI_CASE.context)
     model = ["--model", str(model_dir), "--dtype", "float32"]
-    cases = [
-        ([*model, "--encoding", str(half), "--question", "q"], "no meta.json"),
-        ([*model, "--encoding", str(tmp_path / "none"), "--question", "q"], "no such directory"),
-        ([*model, "--encoding", str(half)], "--question is required"),
-        ([*model, "--encoding", str(half), "--input", str(doc), "--question", "q"], "not allowed with"),
-        ([*model, "--save-encoding", str(tmp_path / "e"), "--demo"], "--save-encoding needs --input"),
-        ([*model, "--input", str(doc), "--question", "q", "--save-encoding", str(tmp_path / "e"), "--distributed"],
-         "--distributed"),
-        ([*model, "--input", str(doc), "--questions", str(tmp_path / "missing.txt")], "no such file"),
-        ([*model, "--input", str(doc), "--question", "q", "--question", "why " * 2000, "--chunk-tokens", "90"],
-         "window"),
-    ]
-    for argv, expect in cases:
-        assert main(argv) == 2, argv
-        captured = capsys.readouterr()
-        lines = [line for line in captured.err.splitlines() if line.strip()]
-        assert len(lines) == 1 and expect in lines[0], (argv, captured.err)
-        assert captured.out == ""
     # An encoding made in float32 refused by a model loaded in bfloat16.
     enc = tmp_path / "enc"
     assert main([*model, "--input", str(doc), "--question", "q", "--save-encoding", str(enc), *CLI_CONFIG]) == 0

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from parallelcomp_triton import ParallelCompConfig
-from parallelcomp_triton.eval import evaluate, format_table, main
+from parallelcomp_triton.evaluate import evaluate, evaluate_styles, format_table, main, needle_chunk, nll_rank
 from parallelcomp_triton.prompt import split_even
 from parallelcomp_triton.tasks import passkey_case
 
@@ -34,13 +34,19 @@ def test_needle_chunk_is_the_chunk_that_holds_the_key(pc, depth):
 
 @pytest.mark.parametrize("at,expected", [(0, 0), (199, 0), (200, 1), (399, 1)])
 def test_needle_chunk_at_span_edges(pc, at, expected):
-    from parallelcomp_triton.eval import _needle_chunk
     from parallelcomp_triton.tasks import RetrievalCase
 
     context = "x" * at + "98765" + "y" * (400 - at)  # the byte tokenizer: one token per byte
     case = RetrievalCase(context, "key?", "98765", len(context), 0.5)
-    assert _needle_chunk(pc.tokenizer, case, [(0, 200), (200, 405)]) == expected
-    assert _needle_chunk(pc.tokenizer, case, [(0, 405)]) is None  # one chunk: nothing to evict
+    assert needle_chunk(pc.tokenizer, case, [(0, 200), (200, 405)]) == expected
+    assert needle_chunk(pc.tokenizer, case, [(0, 405)]) is None  # one chunk: nothing to evict
+
+
+@pytest.mark.parametrize("nll,chunk,rank", [
+    ([2.0, 1.0, 3.0], 0, 2), ([2.0, 1.0, 3.0], 1, 1), ([2.0, 1.0, 3.0], 2, 3), ([1.0, 1.0], 1, 1),
+    ([2.0, 1.0], None, None), ([], 0, None)])
+def test_nll_rank(nll, chunk, rank):
+    assert nll_rank(nll, chunk) == rank
 
 
 def test_table_counts_accuracy_and_kept_needles():
@@ -92,7 +98,7 @@ def test_cli_both_question_styles_side_by_side_without_instruction(tmp_path, cap
     result = json.loads(out.read_text())
     assert sorted(result) == ["cue", "natural"] and result["natural"]["instruction"] == "none"
     assert "natural accuracy" in captured.out and "cue accuracy" in captured.out
-    # The default keeps the earlier grids' task instruction.
+    # By default the task's instruction goes before the document.
     seen.clear()
     assert main(["passkey", "--lengths", "600", "--depths", "0.5", "--chunk-tokens", "150",
                  "--max-new-tokens", "2"]) == 0
@@ -102,7 +108,6 @@ def test_cli_both_question_styles_side_by_side_without_instruction(tmp_path, cap
 @pytest.mark.parametrize("task", ["passkey", "niah"])
 def test_styles_from_one_encoding_equal_fresh_runs(pc, monkeypatch, task):
     """Both question styles answered from one encoding of each document: the rows fresh runs give."""
-    from parallelcomp_triton.eval import evaluate_styles
     from parallelcomp_triton.pipeline import ParallelComp
 
     cfg = ParallelCompConfig(chunk_tokens=150, kv_budget=24, keep_chunks=2, max_new_tokens=3)
@@ -127,6 +132,8 @@ def test_styles_from_one_encoding_equal_fresh_runs(pc, monkeypatch, task):
     (["niah", "--depths", "1.5"], "--depths"),
     (["passkey", "--lengths", "x"], "comma-separated"),
     (["passkey", "--kv-budget", "0"], "kv_budget"),
+    (["passkey", "--mode", "bogus"], "--mode"),
+    (["--lengths", "600", "longbench"], "longbench must come first"),
 ])
 def test_cli_bad_input_one_line_exit_2(capsys, args, expect):
     assert main(args) == 2
@@ -161,11 +168,10 @@ def test_budget_sweep_reports_each_point(tmp_path, capsys, monkeypatch):
     assert "| all | 3 |" in capsys.readouterr().out
 
 
-def test_budget_replay_reproduces_the_run_at_its_own_budget(tmp_path, capsys, monkeypatch):
+def test_replay_budget_reproduces_the_run_at_its_own_budget(tmp_path, capsys, monkeypatch):
     import dataclasses
     import importlib.util
     import pathlib
-    import sys
 
     from _tiny_pipeline import tiny_pc
 
@@ -177,15 +183,14 @@ def test_budget_replay_reproduces_the_run_at_its_own_budget(tmp_path, capsys, mo
     run["config"] = dataclasses.asdict(cfg)
     src = tmp_path / "run.json"
     src.write_text(json.dumps(run))
-    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "budget_replay.py"
-    spec = importlib.util.spec_from_file_location("budget_replay", path)
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "replay.py"
+    spec = importlib.util.spec_from_file_location("replay", path)
     replay = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(replay)
     monkeypatch.setattr(ParallelComp, "from_pretrained", classmethod(lambda cls, *a, **k: pc))
     out = tmp_path / "replay.json"
-    monkeypatch.setattr(sys, "argv", ["budget_replay.py", str(src), "--budgets", "16,none", "--keeps", "2,1",
-                                      "--out", str(out)])
-    assert replay.main() == 0
+    argv = ["budget", str(src), "--budgets", "16,none", "--keeps", "2,1", "--out", str(out)]
+    assert replay.main(argv) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [(r["depth"], r["keep_chunks"], r["kv_budget"]) for r in rows] == [
         (d, k, b) for d in (0.3, 0.8) for k in (2, 1) for b in (16, None)]
@@ -199,22 +204,19 @@ def test_budget_replay_reproduces_the_run_at_its_own_budget(tmp_path, capsys, mo
         assert k1["kept_chunks"] == case_k1["kept_chunks"] and k1["output"] == case_k1["output"]
     assert "| passkey | cue | 1500 | 1 | all |" in capsys.readouterr().out
 
-    # A run whose chunks were cut elsewhere (older code, other settings) is refused, not silently replayed.
+    # A run whose chunks this code cuts elsewhere is refused, not silently replayed.
     moved = json.loads(src.read_text())
     moved["cases"][0]["chunk_ends"][0] -= 1
     src.write_text(json.dumps(moved))
-    assert replay.main() == 2
+    assert replay.main(argv) == 2
     assert "the chunking changed since the run" in capsys.readouterr().err
 
-    # A grid of both question styles without the task instruction (`eval --question-style both
+    # A grid of both question styles without the task instruction (`evaluate --question-style both
     # --instruction none`, one JSON holding a result per style) replays each style's own prompt.
-    from parallelcomp_triton.eval import evaluate_styles
-
     styles = evaluate_styles(pc, "niah", [900], [0.4], cfg, ["natural", "cue"], instruction="none")
     both = tmp_path / "styles.json"
     both.write_text(json.dumps({r["question"]: dict(r, config=dataclasses.asdict(cfg)) for r in styles}))
-    monkeypatch.setattr(sys, "argv", ["budget_replay.py", str(both), "--budgets", "16", "--out", str(out)])
-    assert replay.main() == 0
+    assert replay.main(["budget", str(both), "--budgets", "16", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [(r["question"], r["output"]) for r in rows] == [(r["question"], r["cases"][0]["output"]) for r in styles]
     assert "| niah | natural | 900 | 2 | 16 |" in capsys.readouterr().out

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from parallelcomp_triton import Calibration, ParallelCompConfig
-from parallelcomp_triton import inspect as pic
+from parallelcomp_triton import inspect_attention as pic
 from parallelcomp_triton.errors import ParallelCompError
 
 pytest.importorskip("matplotlib")
@@ -33,12 +33,12 @@ def test_png_of_the_expected_size_and_what_it_summarises(pc, tmp_path):
     assert pic.png_size(str(out)) == (400, 250) == (picture.width_px, picture.height_px)
     assert [b["layers"] for b in picture.bands] == [[0, 1], [2, 3]]
     res = picture.result
-    assert len(res.stats["chunk_spans"]) == -(-len(pc.tokenizer.encode(DOC)) // 250)
-    assert len(res.stats["kept_chunks"]) == 2
+    assert len(res.stats.chunk_spans) == -(-len(pc.tokenizer.encode(DOC)) // 250)
+    assert len(res.stats.kept_chunks) == 2
     # The KV-kept marks are the union over KV heads of what the pipeline itself reports keeping.
     for band in picture.bands:
         first = band["layers"][0]
-        expected = sum(len(np.unique(res.kept_positions[c][first].numpy())) for c in res.stats["kept_chunks"])
+        expected = sum(len(np.unique(res.kept_positions[c][first].numpy())) for c in res.stats.kept_chunks)
         assert band["kept_tokens_first_layer"] == expected
         assert band["shape"] in ("U-shape", "mountain", "uniform", "sink (start-heavy)", "recency (end-heavy)",
                                  "mixed")
@@ -49,9 +49,9 @@ def test_recorder_keeps_every_chunk_and_layer_and_scores_are_shares(pc):
     cfg = ParallelCompConfig(chunk_tokens=300, kv_budget=None, gqa_reduce="mean", max_new_tokens=1,
                              calibration=Calibration(region="all", first_layer=1, last_layer=2, tau=0.01))
     res = pc.generate(DOC, "What is the pass key?", config=cfg, observer=rec)
-    spans = res.stats["chunk_spans"]
+    spans = res.stats.chunk_spans
     assert set(rec.mass) == {(layer, c) for layer in range(4) for c in range(len(spans))}
-    rows = res.stats["score_rows"]  # the question's last w tokens and the chat turn's end after them
+    rows = res.stats.score_rows  # the question's last w tokens and the chat turn's end after them
     for (layer, c), mass in rec.mass.items():
         assert mass.shape == (spans[c][1] - spans[c][0],) and np.isfinite(mass).all()
         # Mean over query heads of probabilities: each of the w rows gives the context at most 1.
@@ -73,7 +73,7 @@ def test_calibration_drops_map_merged_entries_back_to_document_tokens():
     mask[prefix + 4 + 3, 2] = True        # chunk 2, entry 3, KV head 1 -> 9 -> document token 29
     mask[prefix + 8 + 1, 0] = True        # a question row: not a document token
     rec.calibration_masks[layer] = mask
-    positions, prefix_hits = pic._calibration_drops(rec, layer, spans, [0, 2], prefix, 4, budget=4)
+    positions, prefix_hits = pic.calibration_drops(rec, layer, spans, [0, 2], prefix, 4, budget=4)
     assert positions.tolist() == [2, 3, 29] and prefix_hits == 1
     # Without KV eviction the chunks hold all their tokens: entry i of a chunk is its token i.
     rec.kept.clear()
@@ -82,7 +82,7 @@ def test_calibration_drops_map_merged_entries_back_to_document_tokens():
     mask[prefix + 12, 0] = True           # chunk 2 (entries 10-19), token 2 -> document token 22
     mask[prefix + 21, 0] = True           # a question row
     rec.calibration_masks[layer] = mask
-    positions, prefix_hits = pic._calibration_drops(rec, layer, spans, [0, 2], prefix, 4, budget=None)
+    positions, prefix_hits = pic.calibration_drops(rec, layer, spans, [0, 2], prefix, 4, budget=None)
     assert positions.tolist() == [7, 22] and prefix_hits == 0
 
 
@@ -108,11 +108,14 @@ def test_bands():
     assert pic.default_bands(30) == [(0, 7), (8, 15), (16, 23), (24, 29)]
     assert pic.default_bands(3) == [(0, 0), (1, 1), (2, 2)]
     assert pic.parse_bands("0-7, 8-15,20") == [(0, 7), (8, 15), (20, 20)]
-    for bad in ("0-7,,8", "7-3", "a-b", ""):
-        with pytest.raises(ParallelCompError, match="--bands"):
-            pic.parse_bands(bad)
     with pytest.raises(ParallelCompError, match="has 30 layers"):
         pic.check_bands([(24, 30)], 30)
+
+
+@pytest.mark.parametrize("spec", ["0-7,,8", "7-3", "a-b", ""])
+def test_bad_bands(spec):
+    with pytest.raises(ParallelCompError, match="--bands"):
+        pic.parse_bands(spec)
 
 
 def _one_error_line(stderr):
@@ -138,6 +141,8 @@ def doc(tmp_path):
     (lambda d, t: ["--input", str(d), "--question", "q", "--out", str(t / "a.png"), "--calibrate", "x"],
      "calibrate"),
     (lambda d, t: ["--input", str(d), "--out", str(t / "a.png")], "--question"),
+    (lambda d, t: ["--input", str(d), "--question", "q", "--out", str(t / "a.png"), "--dpi", "5"], "--dpi"),
+    (lambda d, t: ["--input", str(d), "--question", "q", "--out", str(t)], ".png"),
 ])
 def test_cli_bad_input_one_line_exit_2(doc, tmp_path, capsys, make_args, expect):
     assert pic.main(make_args(doc, tmp_path)) == 2
@@ -173,7 +178,7 @@ def test_cli_on_bundled_model(bundled_model_dir, essays_dir, tmp_path):
     doc = tmp_path / "essay.txt"
     doc.write_text(text)
     out = tmp_path / "attn.png"
-    proc = subprocess.run([sys.executable, "-m", "parallelcomp_triton.inspect", "--input", str(doc),
+    proc = subprocess.run([sys.executable, "-m", "parallelcomp_triton.inspect_attention", "--input", str(doc),
                            "--question", "What is the essay about?", "--out", str(out), "--chunk-tokens", "256",
                            "--kv-budget", "64", "--bands", "0-14,15-29", "--max-new-tokens", "2", "--no-progress"],
                           capture_output=True, text=True, env=dict(os.environ, TRITON_INTERPRET="0"), timeout=300)

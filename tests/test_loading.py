@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+from _cases import raises_one_line
 from _tiny_models import save_tiny_llama
 from parallelcomp_triton import bundled
-from parallelcomp_triton.errors import ParallelCompError
 from parallelcomp_triton.loading import (
     load_model,
     load_transformer,
@@ -24,23 +24,11 @@ from parallelcomp_triton.loading import (
     resolve_model_dir,
 )
 
-# The 49 essays joined with "\n\n" (643,926 chars) under the faithful SmolLM2 tokenizer
-# (Digits split, then byte-level BPE). transformers' own GGUF tokenizer converter drops the Digits
-# step and gives 154,036 (8 more: it splits whitespace before a digit differently); without
-# rss.txt the faithful count is 154,010.
+# The essays joined with "\n\n" under the faithful SmolLM2 tokenizer (Digits split, then byte-level BPE).
+# transformers' own GGUF tokenizer converter drops the Digits step and counts 8 more: it splits whitespace
+# before a digit differently.
 ESSAY_CHARS = 643_926
 ESSAY_TOKENS = 154_028
-
-
-def raises_one_line(fn, *names: str) -> str:
-    """Run fn; it must raise ParallelCompError whose message is one line containing every name."""
-    with pytest.raises(ParallelCompError) as info:
-        fn()
-    message = str(info.value)
-    assert "\n" not in message and message.strip() == message, repr(message)
-    for name in names:
-        assert str(name) in message, f"{name!r} not in {message!r}"
-    return message
 
 
 @pytest.fixture(scope="module")
@@ -97,90 +85,79 @@ def test_untied_checkpoint_with_saved_head(tmp_path):
 # ------------------------------------------------------------------------------- loader: bad input
 
 
-def test_missing_directory(tmp_path):
-    missing = tmp_path / "nope"
-    raises_one_line(lambda: resolve_model_dir(missing), missing, "does not exist")
-    raises_one_line(lambda: load_model(missing), missing)
+def _write(name: str, text: str):
+    return lambda d: (d / name).write_text(text)
 
 
-def test_path_is_a_file(tmp_path):
-    f = tmp_path / "model.safetensors"
-    f.write_bytes(b"x")
-    raises_one_line(lambda: load_transformer(f), f, "not a directory")
+def _unlink(name: str):
+    return lambda d: (d / name).unlink()
 
 
-def test_missing_config(tiny):
-    (tiny / "config.json").unlink()
-    raises_one_line(lambda: load_transformer(tiny), tiny / "config.json", "missing")
+def _edit_config(**fields):
+    def edit(d):
+        cfg = json.loads((d / "config.json").read_text())
+        cfg.update(fields)
+        (d / "config.json").write_text(json.dumps(cfg))
+    return edit
 
 
-def test_invalid_json_config(tiny):
-    (tiny / "config.json").write_text('{"model_type": "llama",\n "hidden_size": }')
-    raises_one_line(lambda: load_transformer(tiny), tiny / "config.json", "invalid JSON", "line 2")
+def _truncate(d):
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[: len(data) // 2])
 
 
-def test_config_not_an_object(tiny):
-    (tiny / "config.json").write_text("[1, 2]")
-    raises_one_line(lambda: load_transformer(tiny), tiny / "config.json", "JSON object")
-
-
-def test_other_model_type(tiny):
-    cfg = json.loads((tiny / "config.json").read_text())
-    cfg.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
-    (tiny / "config.json").write_text(json.dumps(cfg))
-    raises_one_line(lambda: load_transformer(tiny), tiny / "config.json", "gpt2")
-
-
-def test_truncated_safetensors(tiny):
-    path = tiny / "model.safetensors"
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-    raises_one_line(lambda: load_transformer(tiny), path, "truncated")
-
-
-def test_garbage_safetensors_header(tiny):
-    path = tiny / "model.safetensors"
-    path.write_bytes(b"\xff" * 64)
-    raises_one_line(lambda: load_transformer(tiny), path, "corrupt")
-
-
-def test_pickled_weights_only_are_refused(tiny):
-    (tiny / "model.safetensors").unlink()
+def _pickled_weights_only(d):
+    (d / "model.safetensors").unlink()
     # Written, never read: the loader must refuse before anything unpickles it.
-    torch.save({"model.embed_tokens.weight": torch.zeros(2, 2)}, tiny / "pytorch_model.bin")
-    message = raises_one_line(lambda: load_transformer(tiny), tiny / "pytorch_model.bin", "convert to safetensors")
-    assert "refused" in message
+    torch.save({"model.embed_tokens.weight": torch.zeros(2, 2)}, d / "pytorch_model.bin")
 
 
-def test_no_weights_at_all(tiny):
-    (tiny / "model.safetensors").unlink()
-    raises_one_line(lambda: load_transformer(tiny), tiny / "model.safetensors", "missing")
+def _replace_by_a_file(d):
+    shutil.rmtree(d)
+    d.write_bytes(b"x")
 
 
-def test_tensor_with_wrong_shape(tiny):
-    key = "model.layers.1.mlp.up_proj.weight"
-    _resave(tiny, lambda t: t.update({key: t[key][:-1].clone()}))
-    raises_one_line(lambda: load_transformer(tiny), tiny / "model.safetensors", key, "shape")
+SHORT_UP = "model.layers.1.mlp.up_proj.weight"
+NORM = "model.layers.0.post_attention_layernorm.weight"
+Q_BIAS = "model.layers.0.self_attn.q_proj.bias"
 
-
-def test_missing_tensor(tiny):
-    key = "model.layers.0.post_attention_layernorm.weight"
-    _resave(tiny, lambda t: t.pop(key))
-    raises_one_line(lambda: load_transformer(tiny), tiny / "model.safetensors", key, "missing")
-
-
-def test_untied_config_without_head_is_missing_a_tensor(tiny):
-    cfg = json.loads((tiny / "config.json").read_text())
-    cfg["tie_word_embeddings"] = False
-    (tiny / "config.json").write_text(json.dumps(cfg))
-    raises_one_line(lambda: load_transformer(tiny), tiny / "model.safetensors", "lm_head.weight", "missing")
-
-
-def test_unexpected_extra_tensor(tiny):
+# id, what is done to a valid checkpoint, the loader, the file the message names ("" the directory), and
+# the words it must hold.
+BAD_CHECKPOINTS = [
+    ("missing_directory", shutil.rmtree, resolve_model_dir, "", ["does not exist"]),
+    ("missing_directory_load_model", shutil.rmtree, load_model, "", []),
+    ("path_is_a_file", _replace_by_a_file, load_transformer, "", ["not a directory"]),
+    ("missing_config", _unlink("config.json"), load_transformer, "config.json", ["missing"]),
+    ("invalid_json_config", _write("config.json", '{"model_type": "llama",\n "hidden_size": }'), load_transformer,
+     "config.json", ["invalid JSON", "line 2"]),
+    ("config_not_an_object", _write("config.json", "[1, 2]"), load_transformer, "config.json", ["JSON object"]),
+    ("other_model_type", _edit_config(model_type="gpt2", architectures=["GPT2LMHeadModel"]), load_transformer,
+     "config.json", ["gpt2"]),
+    ("truncated_safetensors", _truncate, load_transformer, "model.safetensors", ["truncated"]),
+    ("garbage_safetensors_header", lambda d: (d / "model.safetensors").write_bytes(b"\xff" * 64), load_transformer,
+     "model.safetensors", ["corrupt"]),
+    ("pickled_weights_only", _pickled_weights_only, load_transformer, "pytorch_model.bin",
+     ["convert to safetensors", "refused"]),
+    ("no_weights", _unlink("model.safetensors"), load_transformer, "model.safetensors", ["missing"]),
+    ("tensor_with_wrong_shape", lambda d: _resave(d, lambda t: t.update({SHORT_UP: t[SHORT_UP][:-1].clone()})),
+     load_transformer, "model.safetensors", [SHORT_UP, "shape"]),
+    ("missing_tensor", lambda d: _resave(d, lambda t: t.pop(NORM)), load_transformer, "model.safetensors",
+     [NORM, "missing"]),
+    ("untied_config_without_head", _edit_config(tie_word_embeddings=False), load_transformer, "model.safetensors",
+     ["lm_head.weight", "missing"]),
     # e.g. a checkpoint with attention biases whose config forgot attention_bias: refuse, don't ignore.
-    key = "model.layers.0.self_attn.q_proj.bias"
-    _resave(tiny, lambda t: t.update({key: torch.zeros(64)}))
-    raises_one_line(lambda: load_transformer(tiny), tiny / "model.safetensors", key, "unexpected")
+    ("unexpected_extra_tensor", lambda d: _resave(d, lambda t: t.update({Q_BIAS: torch.zeros(64)})),
+     load_transformer, "model.safetensors", [Q_BIAS, "unexpected"]),
+    # The tiny checkpoint has no tokenizer: load_model must say so (load_transformer does not need one).
+    ("no_tokenizer", lambda d: None, load_model, "", ["tokenizer"]),
+    ("broken_tokenizer", _write("tokenizer.json", "{not json"), load_model, "", ["tokenizer"]),
+]
+
+
+@pytest.mark.parametrize("damage,load,named,words", [pytest.param(*row, id=i) for i, *row in BAD_CHECKPOINTS])
+def test_bad_checkpoint_is_one_line_naming_the_file(tiny, damage, load, named, words):
+    damage(tiny)
+    raises_one_line(lambda: load(tiny), tiny / named, *words)
 
 
 def test_sharded_checkpoint_errors(tmp_path):
@@ -196,13 +173,6 @@ def test_sharded_checkpoint_errors(tmp_path):
 
     index.write_text(json.dumps({"metadata": {}}))
     raises_one_line(lambda: load_transformer(model_dir), index, "weight_map")
-
-
-def test_tokenizer_missing_or_broken(tiny):
-    # save_tiny_llama writes no tokenizer: load_model must say so (load_transformer does not need one).
-    raises_one_line(lambda: load_model(tiny), tiny, "tokenizer")
-    (tiny / "tokenizer.json").write_text("{not json")
-    raises_one_line(lambda: load_model(tiny), tiny, "tokenizer")
 
 
 # ------------------------------------------------------------------------------- bundled conversion

@@ -9,7 +9,8 @@ import pytest
 
 from parallelcomp_triton import longbench as lb
 from parallelcomp_triton.errors import ParallelCompError
-from parallelcomp_triton.pipeline import GenerationResult
+from parallelcomp_triton.evaluate import main
+from parallelcomp_triton.stats import GenerationResult, Stats
 
 SAMPLE = pathlib.Path(__file__).parent / "data" / "longbench_sample.jsonl"
 TREC = ["Abbreviation", "City", "Date", "Individual", "Number", "Number of something"]
@@ -185,7 +186,7 @@ class OraclePC:
         if "REFUSE" in question:
             raise ParallelCompError("question too long")
         return GenerationResult(text="zzzz" if self.wrong else self.answers[context], token_ids=[],
-                                stats={"chunk_spans": [[0, 1]], "kept_chunks": [0]})
+                                stats=Stats(chunk_spans=[[0, 1]], kept_chunks=[0]))
 
 
 def test_evaluate_scores_every_metric_through_the_harness():
@@ -230,10 +231,10 @@ def _one_error_line(stderr):
     (["--data", str(SAMPLE), "--kv-budget", "0"], "kv_budget"),
     (["--data", str(SAMPLE), "--json", "/nonexistent/dir/out.json"], "does not exist"),
     ([], "--data"),
+    (["--data", str(SAMPLE), "--max-new-tokens", "0"], "--max-new-tokens 0"),
+    (["--data", str(SAMPLE), "--template", "fancy"], "--template"),
 ])
 def test_cli_bad_input_one_line_exit_2(capsys, args, expect):
-    from parallelcomp_triton.eval import main
-
     assert main(["longbench", *args]) == 2
     assert expect in _one_error_line(capsys.readouterr().err)
 
@@ -241,7 +242,6 @@ def test_cli_bad_input_one_line_exit_2(capsys, args, expect):
 def test_cli_end_to_end_on_sample_with_tiny_model(tmp_path, capsys, monkeypatch):
     from _tiny_pipeline import tiny_pc
 
-    from parallelcomp_triton.eval import main
     from parallelcomp_triton.pipeline import ParallelComp
 
     monkeypatch.setattr(ParallelComp, "from_pretrained", classmethod(lambda cls, *a, **k: tiny_pc(layers=2)))
@@ -266,7 +266,7 @@ def test_cli_end_to_end_on_sample_with_tiny_model(tmp_path, capsys, monkeypatch)
 def test_cli_on_bundled_model(bundled_model_dir, tmp_path):
     out = tmp_path / "lb.json"
     env = dict(os.environ, TRITON_INTERPRET="0")
-    proc = subprocess.run([sys.executable, "-m", "parallelcomp_triton.eval", "longbench", "--data", str(SAMPLE),
+    proc = subprocess.run([sys.executable, "-m", "parallelcomp_triton.evaluate", "longbench", "--data", str(SAMPLE),
                            "--dataset", "passage_retrieval_en", "--limit", "1", "--max-new-tokens", "3",
                            "--json", str(out)], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr

@@ -21,7 +21,7 @@ N_TOKENS = 512
 N_NEW = 32
 BUNDLED_PPL_TOKENS = 1024
 # transformers' LlamaForCausalLM on the converted GGUF, first 1024 tokens of addiction.txt
-# (shared/model-and-data.md: 25.68; measured here 25.681).
+# (shared/model-and-data.md).
 BUNDLED_PPL = 25.68
 
 
@@ -193,9 +193,8 @@ def test_bundled_logits_match_transformers(essay_logits, essay_ids):
 
 @pytest.mark.slow
 def test_bundled_perplexity_on_real_text(essay_logits, essay_ids):
-    """The converted GGUF is a real trained model: perplexity 25.68 on the first 1024 essay tokens,
-    as measured independently with transformers (shared notes). A wrong Q/K un-permutation gives
-    about 350, a wrong tokenizer hundreds."""
+    """The converted GGUF is a real trained model: its perplexity on the first essay tokens is the one
+    transformers gives. A wrong Q/K un-permutation gives about 350, a wrong tokenizer hundreds."""
     ours, _ = essay_logits
     assert _perplexity(ours, essay_ids) == pytest.approx(BUNDLED_PPL, abs=0.02)
 

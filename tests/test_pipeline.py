@@ -6,19 +6,13 @@ import random
 import pytest
 import torch
 
-import parallelcomp_triton.pipeline as pipeline_mod
+import parallelcomp_triton.answer as answer_mod
+import parallelcomp_triton.score as score_mod
+from _cases import document, raises_one_line
+from _tiny_pipeline import tiny_pc
 from parallelcomp_triton import Calibration, ParallelCompConfig, ParallelCompError
 from parallelcomp_triton.kernels.chunk_attention import chunk_attention_reference
 from parallelcomp_triton.prompt import sentence_ends, snap_spans, split_even
-from _tiny_pipeline import tiny_pc
-
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
-
-
-def document(n_words: int, seed: int = 0) -> str:
-    rng = random.Random(seed)
-    return " ".join(rng.choice(WORDS) for _ in range(n_words))
-
 
 @pytest.fixture(scope="module")
 def pc():
@@ -110,7 +104,7 @@ def test_chunks_do_not_cut_a_sentence(pc):
     for snap, whole in ((True, True), (False, False)):
         cfg = ParallelCompConfig(chunk_tokens=100, keep_chunks=4, kv_budget=None, max_new_tokens=1,
                                  snap_to_sentences=snap)
-        spans = pc.generate(doc, "Key?", config=cfg).stats["chunk_spans"]
+        spans = pc.generate(doc, "Key?", config=cfg).stats.chunk_spans
         at = doc.index("The key")
         assert any(s <= at and at + len("The key is 4242.") <= e for s, e in spans) == whole
         assert [e - s for s, e in spans] != [] and max(e - s for s, e in spans) <= 100 + 100 // 8
@@ -122,22 +116,22 @@ def test_chunk_eviction_merge_and_positions(pc, keep, budget, batch):
                              max_new_tokens=4, template="chat")
     res = pc.generate(document(180, seed=keep), "Which word comes first?", config=cfg)
     st = res.stats
-    spans = st["chunk_spans"]
+    spans = st.chunk_spans
     assert len(spans) >= 5
-    nll = st["chunk_nll_all"]
+    nll = st.chunk_nll_all
     assert all(v is not None for v in nll)
     # The K lowest question NLLs survive, in document order.
     expected = sorted(sorted(range(len(nll)), key=lambda c: (nll[c], c))[:keep])
-    assert st["kept_chunks"] == expected
+    assert st.kept_chunks == expected
     # Merged length: the shared prefix once plus exactly what each kept chunk kept.
     ctx = [e - s for s, e in spans]
     per_chunk = [min(budget, ctx[c]) if budget else ctx[c] for c in expected]
-    assert st["kv_tokens_per_layer_after"] == st["prefix_tokens"] + sum(per_chunk)
-    assert st["kv_tokens_per_layer_before"] == st["prefix_tokens"] + sum(ctx)
+    assert st.kv_tokens_per_layer_after == st.prefix_tokens + sum(per_chunk)
+    assert st.kv_tokens_per_layer_before == st.prefix_tokens + sum(ctx)
     # The question sits right after the longest kept chunk.
-    assert st["question_position"] == st["prefix_tokens"] + max(ctx[c] for c in expected)
+    assert st.question_position == st.prefix_tokens + max(ctx[c] for c in expected)
     # Memory bound: K kept caches plus one batch at most.
-    assert st["max_alive_chunk_caches"] <= keep + batch
+    assert st.max_alive_chunk_caches <= keep + batch
     if budget:
         for c in expected:
             for layer_pos in res.kept_positions[c]:
@@ -155,15 +149,15 @@ def test_packed_chunk_nll_equals_plain_causal_nll(pc, batch, budget, score, temp
                              max_new_tokens=2, instruction="Read this.", score_tokens=score, template=template)
     doc, question = document(160, seed=5), "Which word comes first?"
     res = pc.generate(doc, question, config=cfg)
-    toks = pc.prepare(cfg, doc, question).toks
-    spans = res.stats["chunk_spans"]
+    toks = pc.plan(doc, question, cfg).toks
+    spans = res.stats.chunk_spans
     assert len(spans) >= 5 and len({e - s for s, e in spans}) > 1 and toks.prefix
     a, b = toks.question
     assert pc.tokenizer.decode(toks.suffix[a:b]) == question  # the byte tokenizer: exact
     assert (a > 0) and (b < len(toks.suffix)) == (template == "chat")  # separator before; chat: turn end after
     if score == "suffix":
         a, b = 0, len(toks.suffix)
-    for (s, e), packed in zip(spans, res.stats["chunk_nll_all"]):
+    for (s, e), packed in zip(spans, res.stats.chunk_nll_all):
         ids = toks.prefix + toks.document[s:e] + toks.suffix
         logits = pc.model.logits(torch.tensor([ids]))[0]
         q0 = len(ids) - len(toks.suffix)  # logits row q0 - 1 predicts the first suffix token
@@ -177,7 +171,7 @@ def test_single_chunk_equals_plain_causal_greedy(pc):
     doc, question = document(60, seed=3), "Name a word."
     cfg = ParallelCompConfig(keep_chunks=1, kv_budget=None, max_new_tokens=8, template="plain")
     res = pc.generate(doc, question, config=cfg)
-    assert len(res.stats["chunk_spans"]) == 1
+    assert len(res.stats.chunk_spans) == 1
     ids = pc.tokenizer.encode(doc, add_special_tokens=False) + pc.tokenizer.encode("\n\n" + question,
                                                                                    add_special_tokens=False)
     eos = pc.tokenizer.eos_token_id
@@ -196,15 +190,15 @@ def test_full_and_truncate_modes(pc):
     doc = document(400, seed=5)
     res = pc.generate(doc, "What?", config=ParallelCompConfig(mode="truncate", window=300, max_new_tokens=3))
     st = res.stats
-    assert st["kv_tokens_per_layer_after"] + st["question_tokens"] + 3 <= 300
+    assert st.kv_tokens_per_layer_after + st.question_tokens + 3 <= 300
     res = pc.generate(doc, "What?", config=ParallelCompConfig(mode="full", max_new_tokens=3))
-    assert res.stats["kv_tokens_per_layer_after"] == res.stats["document_tokens"] + res.stats["prefix_tokens"]
+    assert res.stats.kv_tokens_per_layer_after == res.stats.document_tokens + res.stats.prefix_tokens
 
 
 def test_calibration_masks_exactly_above_tau_in_region_and_layers(pc, monkeypatch):
     """Record what the question pass computes and recheck every mask with the float64 reference."""
     calls = []
-    real = pipeline_mod.chunk_attention
+    real = answer_mod.chunk_attention
 
     def spy(q, k, v, cu_q, cu_k, **kw):
         res = real(q, k, v, cu_q, cu_k, **kw)
@@ -214,14 +208,14 @@ def test_calibration_masks_exactly_above_tau_in_region_and_layers(pc, monkeypatc
     cal = Calibration(region="sink", first_layer=1, last_layer=2, tau=0.02, rows=2, region_tokens=30)
     cfg = ParallelCompConfig(chunk_tokens=80, keep_chunks=2, kv_budget=24, max_new_tokens=3, calibration=cal)
     doc = document(150, seed=7)
-    monkeypatch.setattr(pipeline_mod, "chunk_attention", spy)
+    monkeypatch.setattr(answer_mod, "chunk_attention", spy)
     res = pc.generate(doc, "Which word?", config=cfg)
     question_calls = [c for c in calls if int(c[3][-1]) < int(c[4][-1])]  # Lq < Lk: the question pass
     # Layers outside 1..2 run once (no calibration); calibrated layers run a score pass, then the masked pass.
     per_layer = [1, 2, 2]
     assert len(question_calls) == sum(per_layer)
-    merged = res.stats["kv_tokens_per_layer_after"]
-    masked = res.stats["calibration_masked_per_head"]
+    merged = res.stats.kv_tokens_per_layer_after
+    masked = res.stats.calibration_masked_per_head
     assert sorted(masked) == [1, 2]
     i = 0
     any_masked = False
@@ -247,23 +241,33 @@ def test_calibration_masks_exactly_above_tau_in_region_and_layers(pc, monkeypatc
     assert any_masked
 
 
-def test_bad_settings_raise_one_line_errors(pc):
-    doc = document(50)
-    for cfg in (ParallelCompConfig(kv_budget=0), ParallelCompConfig(keep_chunks=0),
-                ParallelCompConfig(mode="nope"), ParallelCompConfig(window=36, max_new_tokens=30),
-                ParallelCompConfig(chunk_tokens=10_000), ParallelCompConfig(pool_kernel=4),
-                ParallelCompConfig(score_tokens="answer"),
-                ParallelCompConfig(calibration=Calibration(first_layer=2, last_layer=9))):
-        with pytest.raises(ParallelCompError) as e:
-            pc.generate(doc, "What?", config=cfg)
-        assert "\n" not in str(e.value)
-    for context in ("", "   \n"):
-        with pytest.raises(ParallelCompError, match="empty"):
-            pc.generate(context, "What?")
-    with pytest.raises(ParallelCompError, match="empty"):
-        pc.generate(doc, "  ")
-    with pytest.raises(ParallelCompError):
-        Calibration.parse("sink:6-3")
+DOC = document(50)
+
+# id, context, question, settings, words of the one-line message
+BAD_INPUT = [
+    ("kv_budget_0", DOC, "What?", ParallelCompConfig(kv_budget=0), ["kv_budget"]),
+    ("keep_chunks_0", DOC, "What?", ParallelCompConfig(keep_chunks=0), ["keep_chunks"]),
+    ("unknown_mode", DOC, "What?", ParallelCompConfig(mode="nope"), ["mode 'nope'"]),
+    ("answer_past_window", DOC, "What?", ParallelCompConfig(window=36, max_new_tokens=30), ["36-token window"]),
+    ("chunk_past_window", DOC, "What?", ParallelCompConfig(chunk_tokens=10_000), ["chunk_tokens", "window"]),
+    ("even_pool_kernel", DOC, "What?", ParallelCompConfig(pool_kernel=4), ["pool_kernel"]),
+    ("unknown_score_tokens", DOC, "What?", ParallelCompConfig(score_tokens="answer"), ["score_tokens"]),
+    ("calibration_past_last_layer", DOC, "What?", ParallelCompConfig(calibration=Calibration(first_layer=2,
+                                                                                             last_layer=9)),
+     ["calibration layers 2-9", "3 layers"]),
+    ("empty_document", "", "What?", None, ["the document is empty"]),
+    ("blank_document", "   \n", "What?", None, ["the document is empty"]),
+    ("blank_question", DOC, "  ", None, ["the question is empty"]),
+]
+
+
+@pytest.mark.parametrize("context,question,cfg,words", [pytest.param(*row, id=i) for i, *row in BAD_INPUT])
+def test_bad_input_is_one_line_error(pc, context, question, cfg, words):
+    raises_one_line(lambda: pc.generate(context, question, config=cfg), *words)
+
+
+def test_calibration_spec_layers_must_ascend():
+    raises_one_line(lambda: Calibration.parse("sink:6-3"), "6-3")
 
 
 def test_sampling_is_seeded(pc):
@@ -282,17 +286,17 @@ def test_ignore_eos_decodes_exactly_max_new_tokens(pc, monkeypatch):
     assert pc.generate(doc, "Say something.", config=cfg).token_ids == []
     res = pc.generate(doc, "Say something.", config=ParallelCompConfig(chunk_tokens=60, max_new_tokens=5,
                                                                       ignore_eos=True))
-    assert len(res.token_ids) == 5 and res.stats["new_tokens"] == 5
+    assert len(res.token_ids) == 5 and res.stats.new_tokens == 5
 
 
 def test_generate_from_chunks_equals_the_run_that_kept_them(pc):
     cfg = ParallelCompConfig(chunk_tokens=50, keep_chunks=2, kv_budget=12, max_new_tokens=4)
     doc, question = document(150, seed=9), "Which word comes last?"
     run = pc.generate(doc, question, config=cfg)
-    replay = pc.generate_from_chunks(doc, question, run.stats["kept_chunks"], config=cfg)
+    replay = pc.generate_from_chunks(doc, question, run.stats.kept_chunks, config=cfg)
     assert replay.token_ids == run.token_ids
-    assert replay.stats["kv_tokens_per_layer_after"] == run.stats["kv_tokens_per_layer_after"]
-    for bad in ([], [len(run.stats["chunk_spans"])], [-1]):
+    assert replay.stats.kv_tokens_per_layer_after == run.stats.kv_tokens_per_layer_after
+    for bad in ([], [len(run.stats.chunk_spans)], [-1]):
         with pytest.raises(ParallelCompError, match="chunks"):
             pc.generate_from_chunks(doc, question, bad, config=cfg)
 
@@ -342,8 +346,8 @@ def test_score_rows_are_the_questions_last_rows_and_what_follows(pc, monkeypatch
     assert score_rows(toks, 3) == 3 + tail and score_rows(toks, 1000) == len(toks.suffix)
     # ... and those are the rows the pipeline scores keys with.
     seen = []
-    original = pipeline_mod.score_chunks
-    monkeypatch.setattr(pipeline_mod, "score_chunks", lambda model, items, *a, **k: seen.extend(
+    original = score_mod.score_chunks
+    monkeypatch.setattr(score_mod, "score_chunks", lambda model, items, *a, **k: seen.extend(
         it.window for it in items) or original(model, items, *a, **k))
     cfg = ParallelCompConfig(chunk_tokens=60, kv_budget=8, score_window=3, template=template, max_new_tokens=1)
     pc.generate("alpha beta gamma delta. " * 12, question, config=cfg)

@@ -7,9 +7,8 @@ import sys
 import pytest
 import torch
 
-from parallelcomp_triton import precision
+from parallelcomp_triton import ParallelComp, precision
 from parallelcomp_triton.errors import ParallelCompError
-from parallelcomp_triton.pipeline import ParallelComp
 
 
 @pytest.fixture
@@ -57,11 +56,11 @@ def test_from_pretrained_default_is_auto_and_reported(model_dir, cpu_features):
         pc = ParallelComp.from_pretrained(model_dir)
         assert pc.model.embed_tokens.weight.dtype == dtype
         res = pc.generate("The pass key is 12. " * 3, "What is it?", max_new_tokens=2)
-        assert res.stats["dtype"] == str(dtype).removeprefix("torch.")
-        assert res.stats["dtype_source"].startswith("auto")
+        assert res.stats.dtype == str(dtype).removeprefix("torch.")
+        assert res.stats.dtype_source.startswith("auto")
     pc = ParallelComp.from_pretrained(model_dir, dtype="float32")
     res = pc.generate("The pass key is 12. " * 3, "What is it?", max_new_tokens=2)
-    assert (res.stats["dtype"], res.stats["dtype_source"]) == ("float32", "explicit")
+    assert (res.stats.dtype, res.stats.dtype_source) == ("float32", "explicit")
 
 
 def test_cli_json_reports_the_dtype(model_dir, tmp_path):

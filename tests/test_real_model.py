@@ -24,7 +24,7 @@ def test_one_chunk_no_eviction_equals_transformers_generate(pc, essays_dir):
     question = "What is this text about?"
     cfg = ParallelCompConfig(template="chat", keep_chunks=1, kv_budget=None, max_new_tokens=24)
     res = pc.generate(text, question, config=cfg)
-    assert len(res.stats["chunk_spans"]) == 1 and len(res.token_ids) > 3
+    assert len(res.stats.chunk_spans) == 1 and len(res.token_ids) > 3
     template = pc.tokenizer.apply_chat_template([{"role": "user", "content": "{context}\n\n{question}"}],
                                                 tokenize=False, add_generation_prompt=True)
     head, tail = template.split("{context}")
@@ -51,13 +51,13 @@ def test_torch_and_triton_backends_agree(pc):
         finally:
             pc.model.backend = "auto"
     a, b = results["torch"], results["triton"]
-    assert len(a.stats["chunk_spans"]) >= 4
-    assert a.stats["kept_chunks"] == b.stats["kept_chunks"]
+    assert len(a.stats.chunk_spans) >= 4
+    assert a.stats.kept_chunks == b.stats.kept_chunks
     for chunk, layers in a.kept_positions.items():
         for layer, pos in enumerate(layers):
             assert torch.equal(pos, b.kept_positions[chunk][layer]), (chunk, layer)
     assert a.token_ids == b.token_ids
-    assert a.stats["chunk_nll_all"] == pytest.approx(b.stats["chunk_nll_all"], abs=1e-3)
+    assert a.stats.chunk_nll_all == pytest.approx(b.stats.chunk_nll_all, abs=1e-3)
 
 
 def test_passkey_beyond_trained_window(pc):
@@ -68,5 +68,5 @@ def test_passkey_beyond_trained_window(pc):
     assert case.tokens > 9_000
     assert case.answer in res.text, res.text
     # Bounded memory: K kept chunk caches plus one batch at most, and the merged cache is compressed.
-    assert res.stats["max_alive_chunk_caches"] <= cfg.keep_chunks + cfg.batch_chunks
-    assert res.stats["kv_tokens_per_layer_after"] < res.stats["kv_tokens_per_layer_before"] / 2
+    assert res.stats.max_alive_chunk_caches <= cfg.keep_chunks + cfg.batch_chunks
+    assert res.stats.kv_tokens_per_layer_after < res.stats.kv_tokens_per_layer_before / 2

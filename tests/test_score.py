@@ -99,7 +99,7 @@ def test_pipeline_selects_kv_only_for_chunks_that_survive_eviction(monkeypatch):
     """In generate, KV selection runs for the chunks kept after each batch's eviction, not for every chunk,
     and the answer, kept chunks and kept positions are those of a run that compresses every chunk (an
     observer turns deferral off)."""
-    import parallelcomp_triton.pipeline as pipeline
+    import parallelcomp_triton.score as score
     from parallelcomp_triton import ParallelCompConfig
 
     pc = tiny_pc(seed=5)
@@ -107,15 +107,15 @@ def test_pipeline_selects_kv_only_for_chunks_that_survive_eviction(monkeypatch):
     cfg = ParallelCompConfig(chunk_tokens=97, keep_chunks=2, kv_budget=12, batch_chunks=3, max_new_tokens=5,
                              template="plain")
     compressed = []
-    real = pipeline.compress
+    real = score.compress
 
     def counting(caches, *a, **k):
         compressed.extend(c.index for c in caches if c.pending is not None)
         return real(caches, *a, **k)
 
-    monkeypatch.setattr(pipeline, "compress", counting)
+    monkeypatch.setattr(score, "compress", counting)
     deferred = pc.generate(text, "Which word comes first?", config=cfg)
-    chunks = len(deferred.stats["chunk_spans"])
+    chunks = len(deferred.stats.chunk_spans)
     assert chunks >= 8 and len(set(compressed)) == len(compressed) < chunks
 
     class Observer:
@@ -124,6 +124,6 @@ def test_pipeline_selects_kv_only_for_chunks_that_survive_eviction(monkeypatch):
 
     every = pc.generate(text, "Which word comes first?", config=cfg, observer=Observer())
     assert every.token_ids == deferred.token_ids
-    assert every.stats["kept_chunks"] == deferred.stats["kept_chunks"]
+    assert every.stats.kept_chunks == deferred.stats.kept_chunks
     for c in deferred.kept_positions:
         assert all(torch.equal(a, b) for a, b in zip(every.kept_positions[c], deferred.kept_positions[c]))

@@ -1,0 +1,198 @@
+"""Stage 4, answering: the kept chunks merged into one cache per document, the question re-encoded over it
+(with attention-bias calibration in chosen layers), and decoding, every document of a batch together."""
+from __future__ import annotations
+
+import resource
+import time
+
+import torch
+
+from .cache import CompressedKVCache
+from .generation import sample_next
+from .kernels.chunk_attention import chunk_attention
+from .kernels.decode_attention import decode_attention
+from .stats import GenerationResult, Stats
+
+
+def new_cache(model, plans) -> CompressedKVCache:
+    """An empty batched cache with one row per document, as long as the longest needs."""
+    a = model.args
+    weight = model.embed_tokens.weight
+    return CompressedKVCache(a.num_layers, len(plans), a.num_kv_heads, a.num_heads, a.head_dim,
+                             max(plan.capacity for plan in plans), weight.dtype, weight.device)
+
+
+def merge(cache: CompressedKVCache, row: int, plan, state) -> None:
+    """Copy the document's prefix and kept chunks (document order) into its cache row, then free them."""
+    state.kept.sort(key=lambda c: c.index)
+    has_prefix = bool(plan.toks.prefix)
+    cache.fill_row(row, state.prefix_keys if has_prefix else None, state.prefix_values if has_prefix else None,
+                   state.kept)
+    for c in state.kept:
+        c.release_kv()
+    state.prefix_keys = state.prefix_values = []
+
+
+def answer(model, tokenizer, cfg, plans, states, cache: CompressedKVCache, eos: set[int], backend: str = "auto",
+           observer=None) -> list[GenerationResult]:
+    """Question pass per document over its merged row, then batched decoding; one result per document."""
+    logits, positions = [], []
+    for row, (plan, state) in enumerate(zip(plans, states)):
+        st, spans, prefix_len = plan.stats, plan.spans, len(plan.toks.prefix)
+        st.batch_documents = len(plans)
+        st.chunk_spans = [list(s) for s in spans]
+        st.chunk_nll = [None] * len(spans)
+        for c in state.kept:
+            st.chunk_nll[c.index] = c.nll
+        st.chunk_nll_all = list(state.nll)
+        st.kept_chunks = [c.index for c in state.kept]
+        st.max_alive_chunk_caches = state.alive_max
+        st.kv_tokens_per_layer_before = prefix_len + sum(e - s for s, e in spans)
+        st.kv_tokens_per_layer_after = cache.lengths[row]
+        st.kv_cache_bytes = cache.nbytes(row)
+        # The question sits right after the longest kept chunk in the shared position range.
+        p0 = prefix_len + max(c.context_len for c in state.kept)
+        st.question_position = p0
+        t = time.perf_counter()
+        logits.append(question_pass(model, cfg, cache, row, plan.toks.suffix, p0, st, backend, observer))
+        st.time_question_s = time.perf_counter() - t
+        positions.append(p0 + len(plan.toks.suffix))
+
+    t = time.perf_counter()
+    outs, steps = decode(model, cfg, cache, torch.cat(logits), positions, eos, backend)
+    dt = time.perf_counter() - t
+    results = []
+    for plan, state, out_ids in zip(plans, states, outs):
+        st = plan.stats
+        st.time_decode_s = dt
+        st.new_tokens = len(out_ids)
+        st.decode_steps = steps
+        st.decode_ms_per_token = 1000 * dt / steps if steps else 0.0
+        st.time_total_s = time.perf_counter() - plan.t0
+        st.peak_memory_bytes = peak_memory_bytes(model.embed_tokens.weight.device)
+        text = tokenizer.decode(out_ids, skip_special_tokens=True)
+        st.empty_answer = not text.strip()  # the CLI says so on stderr; callers can check here
+        kept_positions = {c.index: c.positions for c in state.kept if c.positions is not None}
+        results.append(GenerationResult(text=text, token_ids=out_ids, stats=st, kept_positions=kept_positions))
+    return results
+
+
+def question_pass(model, cfg, cache: CompressedKVCache, row: int, suffix: list[int], p0: int, stats: Stats,
+                  backend: str = "auto", observer=None) -> torch.Tensor:
+    """Re-encode the question over cache row `row` at positions p0.., with attention-bias calibration in the
+    configured layers; returns the last row's logits [1, vocab]."""
+    device = model.embed_tokens.weight.device
+    m, merged = len(suffix), cache.lengths[row]
+    ids = torch.tensor(suffix, dtype=torch.long, device=device)
+    pos = torch.arange(p0, p0 + m, device=device)
+    cu_q = torch.tensor([0, m], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, merged + m], dtype=torch.int32, device=device)
+    cal = cfg.calibration
+    masked_counts = {}
+
+    def attend(layer, q, k, v):
+        cache.append(layer, row, merged, k, v)
+        k_all, v_all = cache.packed_view(layer, row, merged + m)
+        key_mask = None
+        if cal is not None and cal.first_layer <= layer <= cal.last_layer:
+            rows = min(cal.rows, m)
+            _, _, scores = chunk_attention(q, k_all, v_all, cu_q, cu_k, causal=True, score_window=rows,
+                                           score_reduce="none", return_lse=False, backend=backend)
+            key_mask = (scores / rows > cal.tau) & region_mask(cal, merged, m, device)[:, None]
+            cache.set_key_mask(layer, row, key_mask)
+            masked_counts[layer] = key_mask.sum(dim=0).tolist()
+            if observer is not None:
+                observer.calibration(layer, scores / rows, key_mask)
+        out, _, _ = chunk_attention(q, k_all, v_all, cu_q, cu_k, causal=True, key_mask=key_mask,
+                                    return_lse=False, backend=backend)
+        return out
+
+    hidden = model(ids, pos, attend, out_rows=torch.tensor([m - 1], device=device))
+    cache.lengths[row] = merged + m
+    if cal is not None:
+        stats.calibration_masked_per_head = masked_counts
+    return model.lm_head_rows(hidden)
+
+
+def decode(model, cfg, cache: CompressedKVCache, logits: torch.Tensor, positions: list[int], eos: set[int],
+           backend: str = "auto") -> tuple[list[list[int]], int]:
+    """Decode every row of `cache` together from `logits` [B, vocab], row b's next token at position
+    positions[b]. Returns (tokens per row, EOS stripped; decode steps run).
+
+    A sequence that ends (EOS or max_new_tokens) leaves the batch at once: its cache row is compacted
+    away (CompressedKVCache.keep_rows), so later steps spend no linear-layer, attention or logit work on it.
+    Sampling uses one generator per sequence, seeded alike, so each row draws what it would alone."""
+    device = model.embed_tokens.weight.device
+    batch = cache.batch
+    generators = None
+    if cfg.temperature > 0:
+        generators = []
+        for _ in range(batch):
+            generators.append(torch.Generator(device=device))
+            generators[-1].manual_seed(cfg.seed if cfg.seed is not None else 0)
+    eos = set() if cfg.ignore_eos else eos
+    outs: list[list[int]] = [[] for _ in range(batch)]
+    seqs = list(range(batch))  # cache row i decodes sequence seqs[i]
+    rows = torch.arange(batch, device=device)
+    at = torch.tensor(cache.lengths, dtype=torch.long, device=device)  # where each row's next K/V goes
+    pos = torch.tensor(positions, dtype=torch.long, device=device)
+    steps = 0
+    while True:
+        if generators is None:
+            tokens = logits.argmax(dim=-1).tolist()
+        else:
+            tokens = [int(sample_next(logits[i:i + 1], cfg.temperature, cfg.top_p, generators[s])[0])
+                      for i, s in enumerate(seqs)]
+        alive = []
+        for i, (s, token) in enumerate(zip(seqs, tokens)):
+            outs[s].append(token)
+            if token not in eos and len(outs[s]) < cfg.max_new_tokens:
+                alive.append(i)
+        if not alive:
+            break
+        if len(alive) < len(seqs):
+            cache.keep_rows(alive)
+            index = torch.tensor(alive, dtype=torch.long, device=device)
+            seqs, tokens = [seqs[i] for i in alive], [tokens[i] for i in alive]
+            rows, at, pos = rows[:len(alive)], at[index], pos[index]
+        if max(cache.lengths) >= cache.capacity:
+            raise RuntimeError(f"KV cache overflow: {max(cache.lengths) + 1} > capacity {cache.capacity}")
+        cache_lens = (at + 1).to(torch.int32)
+
+        def attend(layer, q, k, v):
+            cache.append_tokens(layer, rows, at, k, v)
+            return decode_attention(q, cache.keys[layer], cache.values[layer], cache_lens,
+                                    key_mask=cache.key_mask[layer], backend=backend)
+
+        hidden = model(torch.tensor(tokens, dtype=torch.long, device=device), pos, attend)
+        cache.lengths = [n + 1 for n in cache.lengths]
+        at += 1
+        pos += 1
+        steps += 1
+        logits = model.lm_head_rows(hidden)
+    for out in outs:
+        if out and out[-1] in eos:
+            out.pop()
+    return outs, steps
+
+
+
+def region_mask(cal, merged: int, m: int, device) -> torch.Tensor:
+    """Which of the merged + m keys calibration may mask: merged-cache positions in the region, never the
+    question's own tokens."""
+    j = torch.arange(merged + m, device=device)
+    n = cal.region_tokens
+    in_cache = j < merged
+    if cal.region == "sink":
+        return in_cache & (j < n)
+    if cal.region == "recent":
+        return in_cache & (j >= merged - n)
+    if cal.region == "middle":
+        return in_cache & (j >= n) & (j < merged - n)
+    return in_cache
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB

@@ -1,0 +1,348 @@
+"""Encodings on disk: the format, its compatibility checks, and the atomic directory they are written in
+(read_ahead.py brings their files in while the previous batch is scored).
+
+An encoding is a directory:
+
+    meta.json                  settings that shaped it (format version, model identity, dtype, template
+                               prefix tokens, document tokens, chunk spans, chunking settings), written last
+    prefix.safetensors         k.{layer}, v.{layer} [H_kv, p, d] of the shared prompt prefix (once)
+    chunk_00012.safetensors    k.{layer}, v.{layer} [H_kv, n, d] of chunk 12, and `hidden` [hidden size]:
+                               the final hidden state of its last token (it predicts the question's first token)
+
+It is written into a sibling temporary directory, every file fsynced, meta.json last, then renamed into
+place, so a directory that is there is complete; one without meta.json is refused. Loading checks the
+format version, the model, dtype and file sizes and headers (not every byte: a bit flipped inside a tensor
+is not detected), and chunk files are memory-mapped and read one prefill batch at a time.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import weakref
+from pathlib import Path
+
+import torch
+
+from .cache import ChunkKV
+from .errors import ParallelCompError
+
+FORMAT = "parallelcomp-encoding"
+VERSION = 1
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The config fields an encoding depends on besides the model: how the document is cut, then the prompt
+# prefix. An answer must chunk as its encoding did; EncodedDocument.config takes all of them.
+CHUNKING_SETTINGS = ("chunk_tokens", "snap_to_sentences", "window")
+PROMPT_SETTINGS = ("template", "instruction", "prompt")
+
+
+def encoding_settings(cfg, trained_window: int) -> dict:
+    """The settings an encoding made under `cfg` records (the window resolved to the model's)."""
+    settings = {"mode": cfg.mode, **{name: getattr(cfg, name) for name in CHUNKING_SETTINGS + PROMPT_SETTINGS}}
+    settings["window"] = cfg.window or trained_window
+    return settings
+
+
+def encoding_meta(model, tokenizer, source: str, prefix: list[int], document: list[int],
+                  spans: list[tuple[int, int]], settings: dict) -> dict:
+    """meta.json of an encoding (without its file list): model identity, dtype, shapes, the settings that
+    shaped it (`settings`: config fields; `batch_chunks` kept apart), prefix and document tokens, spans."""
+    a = model.args
+    return {"format": FORMAT, "version": VERSION, "model": model_identity(model, tokenizer), "model_source": source,
+            "dtype": dtype_name(model.embed_tokens.weight.dtype), "num_layers": a.num_layers,
+            "num_kv_heads": a.num_kv_heads, "head_dim": a.head_dim, "hidden_size": a.hidden_size,
+            "settings": {k: v for k, v in settings.items() if k != "batch_chunks"},
+            "batch_chunks": settings["batch_chunks"], "prefix": prefix, "document": document,
+            "spans": [list(s) for s in spans]}
+
+
+def model_identity(model, tokenizer) -> str:
+    """A fingerprint of the model and tokenizer an encoding belongs to: the model's shape fields, the
+    tokenizer's full definition, and a sample of every weight (first and last 64 values, rounded to bfloat16
+    so that the same checkpoint loaded in another dtype hashes alike: the dtype is checked on its own)."""
+    cached = getattr(model, "_parallelcomp_identity", None)
+    if cached is not None:
+        return cached
+    h = hashlib.sha256()
+    h.update(json.dumps(dataclasses.asdict(model.args), sort_keys=True, default=str).encode())
+    backend_tok = getattr(tokenizer, "backend_tokenizer", None)
+    if backend_tok is not None:
+        h.update(backend_tok.to_str().encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(json.dumps([tokenizer.bos_token_id, bool(getattr(tokenizer, "add_bos_token", False))]).encode())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            flat = p.detach().reshape(-1)
+            sample = torch.cat([flat[:64], flat[-64:]]).to(torch.bfloat16).float().cpu()
+            h.update(name.encode())
+            h.update(sample.numpy().tobytes())
+    ident = h.hexdigest()[:32]
+    model._parallelcomp_identity = ident
+    return ident
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def chunk_file(c: int) -> str:
+    return f"chunk_{c:05d}.safetensors"
+
+
+class EncodedDocument:
+    """A document encoded once (`ParallelComp.encode`): per chunk and layer the full K/V, the prefix K/V once,
+    and the settings that shaped them (`meta`). Pass it instead of the context to `generate` /
+    `generate_batch`; `save(dir)` keeps it, `ParallelComp.load_encoded(dir)` reads it back. One made without
+    a path lives in a temporary directory it owns, removed by `close()` or when it is garbage collected."""
+
+    def __init__(self, path, meta: dict):
+        self.path = Path(path)
+        self.meta = meta
+        self._finalizer = None  # set by remove_when_collected
+
+    # -------------------------------------------------------------- settings
+    @property
+    def prefix(self) -> list[int]:
+        return self.meta["prefix"]
+
+    @property
+    def document(self) -> list[int]:
+        return self.meta["document"]
+
+    @property
+    def spans(self) -> list[tuple[int, int]]:
+        return [tuple(s) for s in self.meta["spans"]]
+
+    @property
+    def dtype(self) -> str:
+        return self.meta["dtype"]
+
+    def settings(self) -> dict:
+        """The config fields that shaped the encoding (chunking and prompt prefix)."""
+        return dict(self.meta["settings"])
+
+    def config(self, config=None):
+        """`config` (defaults if None) with this encoding's chunking, prompt and batch settings, so that
+        answers equal a fresh `generate` under that config."""
+        from .config import ParallelCompConfig
+
+        made = self.settings()
+        return dataclasses.replace(config if config is not None else ParallelCompConfig(), mode="parallelcomp",
+                                   **{name: made[name] for name in CHUNKING_SETTINGS + PROMPT_SETTINGS},
+                                   batch_chunks=self.meta["batch_chunks"])
+
+    def __repr__(self) -> str:
+        return (f"EncodedDocument({str(self.path)!r}, {len(self.document)} tokens, {len(self.spans)} chunks, "
+                f"{self.dtype})")
+
+    # -------------------------------------------------------------- reading
+    def _open(self, name: str, device):
+        from safetensors import safe_open
+
+        try:
+            return safe_open(str(self.path / name), framework="pt", device=str(device))
+        except Exception as e:  # missing, truncated or corrupt file
+            raise ParallelCompError(f"encoding {self.path}: {name} is unreadable ({_one_line(e)})") from None
+
+    def load_prefix(self, device="cpu") -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        layers = self.meta["num_layers"]
+        with self._open("prefix.safetensors", device) as f:
+            return ([f.get_tensor(f"k.{l}") for l in range(layers)], [f.get_tensor(f"v.{l}") for l in range(layers)])
+
+    def load_chunk(self, c: int, device="cpu") -> ChunkKV:
+        layers = self.meta["num_layers"]
+        with self._open(chunk_file(c), device) as f:
+            try:
+                return ChunkKV([f.get_tensor(f"k.{l}") for l in range(layers)],
+                               [f.get_tensor(f"v.{l}") for l in range(layers)], f.get_tensor("hidden"))
+            except Exception as e:
+                raise ParallelCompError(f"encoding {self.path}: {chunk_file(c)} is corrupt ({_one_line(e)})") from None
+
+    def chunk_path(self, c: int) -> Path:
+        return self.path / chunk_file(c)
+
+    # -------------------------------------------------------------- keeping
+    def save(self, path) -> "EncodedDocument":
+        """Copy the encoding to directory `path` (atomically: a temporary sibling renamed into place) and
+        return it as an EncodedDocument read from there."""
+        path = Path(path)
+        if path.resolve() == self.path.resolve():
+            return self
+        writer = AtomicDir(path)
+        try:
+            for name in sorted(self.meta["files"]):
+                writer.copy(self.path / name, name)
+            writer.commit(self.meta)
+        except BaseException:
+            writer.abort()
+            raise
+        return EncodedDocument(path, self.meta)
+
+    def remove_when_collected(self, root) -> "EncodedDocument":
+        """Own the temporary directory `root` (which holds this encoding): removed by `close()` or when this
+        object is garbage collected."""
+        self._finalizer = weakref.finalize(self, shutil.rmtree, str(root), True)
+        return self
+
+    def close(self) -> None:
+        """Remove the temporary directory of an encoding made without a path (a saved one stays)."""
+        if self._finalizer is not None:
+            self._finalizer()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+class AtomicDir:
+    """Build a directory in a temporary sibling; `commit` writes meta.json last and renames it into place."""
+
+    def __init__(self, final):
+        self.final = Path(final)
+        if self.final.exists() and not self.final.is_dir():
+            raise ParallelCompError(f"{self.final}: exists and is not a directory")
+        if self.final.is_dir() and any(self.final.iterdir()) and not (self.final / "meta.json").is_file():
+            raise ParallelCompError(f"{self.final}: a non-empty directory that is not an encoding; "
+                                    "choose a new directory")
+        try:
+            self.final.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.", suffix=".tmp", dir=self.final.parent))
+        except OSError as e:
+            raise ParallelCompError(f"{self.final}: cannot write ({e.strerror or e})") from None
+        self.files: dict[str, int] = {}
+
+    @classmethod
+    def join(cls, final, tmp) -> "AtomicDir":
+        """A writer into the temporary directory `tmp` another process's AtomicDir(final) made (a distributed
+        encoding: every rank writes its chunks there, the one that made it commits)."""
+        writer = cls.__new__(cls)
+        writer.final, writer.tmp, writer.files = Path(final), Path(tmp), {}
+        return writer
+
+    def save_tensors(self, name: str, tensors: dict) -> None:
+        from safetensors.torch import save_file
+
+        target = self.tmp / name
+        save_file({k: t.contiguous().cpu() for k, t in tensors.items()}, str(target))
+        _fsync(target)
+        self.files[name] = target.stat().st_size
+
+    def save_prefix(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        self.save_tensors("prefix.safetensors", {**{f"k.{l}": t for l, t in enumerate(keys)},
+                                                 **{f"v.{l}": t for l, t in enumerate(values)}})
+
+    def save_chunk(self, c: int, kv: ChunkKV) -> None:
+        self.save_tensors(chunk_file(c), {**{f"k.{l}": t for l, t in enumerate(kv.keys)},
+                                          **{f"v.{l}": t for l, t in enumerate(kv.values)}, "hidden": kv.hidden})
+
+    def copy(self, src: Path, name: str) -> None:
+        shutil.copyfile(src, self.tmp / name)
+        _fsync(self.tmp / name)
+        self.files[name] = (self.tmp / name).stat().st_size
+
+    def commit(self, meta: dict) -> None:
+        meta = dict(meta, files=dict(self.files))
+        target = self.tmp / "meta.json"
+        target.write_text(json.dumps(meta))
+        _fsync(target)
+        _fsync(self.tmp)
+        final = self.final
+        if final.is_dir() and any(final.iterdir()):  # an older encoding: move it aside, then swap
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+            os.replace(final, old / "x")
+            os.replace(self.tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, final)  # replaces an empty directory too
+        _fsync(final.parent)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_meta(path) -> dict:
+    """meta.json of an encoding directory, checked for format and version; one-line errors."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ParallelCompError(f"encoding {path}: no such directory")
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except FileNotFoundError:
+        raise ParallelCompError(f"encoding {path}: no meta.json (incomplete or not an encoding)") from None
+    except (OSError, ValueError) as e:
+        raise ParallelCompError(f"encoding {path}: meta.json is unreadable ({_one_line(e)})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ParallelCompError(f"encoding {path}: meta.json is not a {FORMAT}")
+    if meta.get("version") != VERSION:
+        raise ParallelCompError(f"encoding {path}: format version {meta.get('version')}, this package reads "
+                                f"version {VERSION}; encode the document again")
+    return meta
+
+
+def open_encoding(path, model, tokenizer) -> EncodedDocument:
+    """Read an encoding directory for this model and tokenizer: refuse (one line) another model, tokenizer or
+    dtype, and a missing, truncated or corrupt file."""
+    path = Path(path)
+    meta = read_meta(path)
+    enc = EncodedDocument(path, meta)
+    check_model(enc, model, tokenizer)
+    layers, kv_heads, head_dim = meta["num_layers"], meta["num_kv_heads"], meta["head_dim"]
+    dtype = _DTYPES[meta["dtype"]]
+    expected = {}
+    if meta["prefix"]:
+        shape = [kv_heads, len(meta["prefix"]), head_dim]
+        expected["prefix.safetensors"] = {f"{kv}.{l}": shape for kv in "kv" for l in range(layers)}
+    for c, (s, e) in enumerate(meta["spans"]):
+        shape = [kv_heads, e - s, head_dim]
+        expected[chunk_file(c)] = {f"{kv}.{l}": shape for kv in "kv" for l in range(layers)}
+        expected[chunk_file(c)]["hidden"] = [meta["hidden_size"]]
+    if set(meta.get("files", {})) != set(expected):
+        raise ParallelCompError(f"encoding {path}: meta.json does not list the expected files")
+    for name, shapes in expected.items():
+        file = path / name
+        try:
+            size = file.stat().st_size
+        except OSError:
+            raise ParallelCompError(f"encoding {path}: {name} is missing") from None
+        if size != meta["files"][name]:
+            raise ParallelCompError(f"encoding {path}: {name} has {size} bytes, {meta['files'][name]} expected "
+                                    "(truncated or corrupt)")
+        with enc._open(name, "cpu") as f:
+            try:
+                got = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+                dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+            except Exception as e:
+                raise ParallelCompError(f"encoding {path}: {name} is corrupt ({_one_line(e)})") from None
+        want_dtype = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}[dtype]
+        if got != shapes or dtypes != {want_dtype}:
+            raise ParallelCompError(f"encoding {path}: {name} does not hold the tensors meta.json describes")
+    return enc
+
+
+def check_model(enc: EncodedDocument, model, tokenizer) -> None:
+    """Refuse, in one line, an encoding made with another dtype, model or tokenizer."""
+    dtype = dtype_name(model.embed_tokens.weight.dtype)
+    if enc.meta["dtype"] != dtype:
+        raise ParallelCompError(f"encoding {enc.path}: made in {enc.meta['dtype']}, the model runs in {dtype} "
+                                f"(load it with dtype={enc.meta['dtype']!r}, or encode again)")
+    if enc.meta["model"] != model_identity(model, tokenizer):
+        raise ParallelCompError(f"encoding {enc.path}: made with another model or tokenizer "
+                                f"({enc.meta.get('model_source') or 'unknown'}); encode again with this one")
