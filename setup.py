@@ -8,6 +8,8 @@ setup(
     # The kernels live in ./kernels but are installed as parallelcomp_triton.kernels:
     # a top-level module named `kernels` would clash with another PyPI package.
     package_dir={"parallelcomp_triton": "parallelcomp_triton", "parallelcomp_triton.kernels": "kernels"},
+    # Tile configs measured per GPU architecture by benchmarks/tune_gpu.py (kernels/tuning.py reads them).
+    package_data={"parallelcomp_triton.kernels": ["tuned/*.json"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

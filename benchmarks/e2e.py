@@ -2,6 +2,7 @@
 
     python benchmarks/e2e.py --lengths 8000,16000,32000,64000,128000 --out results/e2e.json
     python benchmarks/e2e.py --lengths 32000,128000 --methods parallelcomp --dtypes float32,auto --breakdown
+    python benchmarks/e2e.py --gpu-headline --lengths 32000,128000 --out results/gpu/headline.json   # on a GPU
 
 Every (method, length) runs in its own subprocess so that peak RSS belongs to that run alone. Methods:
 `parallelcomp` (package defaults), `truncate` (head and tail that fit the window) and `hf_full`
@@ -13,6 +14,12 @@ the floor); --chunk-tokens runs ParallelComp at another chunk length.
 Prints a markdown table and, with --plot (matplotlib, `pip install -e .[plot]`), a PNG of prefill time and
 peak RSS against document length; --plot-only JSON redraws the PNG from earlier results. Never asserts
 timings.
+
+--gpu-headline (CUDA): the bundled model with ParallelComp at each length (prefill s, decode ms/token, peak
+GPU memory), then a model of Llama-3-8B's shape with random weights (its config, nothing downloaded):
+ParallelComp's prefill against full attention (one causal pass with torch's SDPA, the same model code) on
+the same card, full attention at every length up to the longest that fits (--full-max), the rest
+extrapolated from the two longest measured (quadratic attention plus linear rest) and labelled so.
 """
 from __future__ import annotations
 
@@ -130,7 +137,9 @@ def run_one(method: str, tokens: int, max_new: int, breakdown: bool = False, chu
             # A second prefill of the same document under torch.profiler (the timed one above runs without it).
             from torch.profiler import ProfilerActivity, profile
 
-            profiled, run_prefill = [], pc.prefill
+            import parallelcomp_triton.score as score
+
+            profiled, run_prefill = [], score.prefill
 
             def prefill(*args, **kwargs):
                 with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -139,8 +148,11 @@ def run_one(method: str, tokens: int, max_new: int, breakdown: bool = False, chu
                     wall = time.perf_counter() - t
                 profiled.append((prof, wall))
 
-            pc.prefill = prefill
-            pc.generate(doc, QUESTION, config=dataclasses.replace(cfg, max_new_tokens=1))  # same settings
+            score.prefill = prefill  # the facade calls the stage through its module
+            try:
+                pc.generate(doc, QUESTION, config=dataclasses.replace(cfg, max_new_tokens=1))  # same settings
+            finally:
+                score.prefill = run_prefill
             prof, wall = profiled[0]
             out["breakdown"] = dict(prefill_breakdown(prof), profiled_prefill_s=wall)
     else:
@@ -168,6 +180,115 @@ def run_one(method: str, tokens: int, max_new: int, breakdown: bool = False, chu
     # Before any profiled run (the profiler's event buffers would count).
     out.setdefault("peak_rss_bytes", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return out
+
+
+# Llama-3-8B's shape (config.json of meta-llama/Meta-Llama-3-8B), trained window 8K.
+LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+                 num_kv_heads=8, head_dim=128, rope_theta=500000.0, max_position_embeddings=8192)
+
+
+def _random_model(torch, args, device):
+    from parallelcomp_triton.model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(args)
+    model = model.to_empty(device=device).to(torch.bfloat16)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02)
+    return model.eval()
+
+
+def _full_prefill_s(torch, model, ids) -> float:
+    """One causal pass over the whole document with SDPA (flash on the GPU), last row's logits only."""
+    import torch.nn.functional as F
+
+    def attend(layer, q, k, v):
+        return F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                              v.transpose(0, 1)[None], is_causal=True,
+                                              enable_gqa=True)[0].transpose(0, 1)
+
+    pos = torch.arange(ids.numel(), device=ids.device)
+    last = torch.tensor([ids.numel() - 1], device=ids.device)
+    with torch.no_grad():
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        model.lm_head_rows(model(ids, pos, attend, out_rows=last))
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def gpu_headline(lengths: list[int], out_path: str, full_max: int) -> dict:
+    import torch
+
+    from parallelcomp_triton import ParallelComp, ParallelCompConfig
+    from parallelcomp_triton.model import ModelArgs
+
+    device = torch.device("cuda")
+    rows = []
+    pc = ParallelComp.from_pretrained(None, device="cuda")
+    cfg = ParallelCompConfig(max_new_tokens=64, ignore_eos=True)
+
+    def timed(pc, doc, cfg):
+        pc.generate(doc, QUESTION, config=cfg)  # compiles the kernels, warms the allocator
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        res = pc.generate(doc, QUESTION, config=cfg)
+        return res.stats, torch.cuda.max_memory_allocated() / 2**30
+
+    for n in lengths:
+        st, peak = timed(pc, essay_text(pc.tokenizer, n), cfg)
+        rows.append({"model": "SmolLM2-135M-Instruct", "method": "parallelcomp", "tokens": st.document_tokens,
+                     "prefill_s": st.time_prefill_s, "decode_ms_per_token": st.decode_ms_per_token,
+                     "gpu_peak_gib": peak})
+        print(f"bundled {n}: prefill {st.time_prefill_s:.3f} s, decode {st.decode_ms_per_token:.2f} ms/token, "
+              f"{peak:.2f} GiB", flush=True)
+        _save(out_path, rows)
+    tokenizer = pc.tokenizer
+    del pc
+    torch.cuda.empty_cache()
+
+    args = ModelArgs(**LLAMA3_8B, bos_token_id=tokenizer.bos_token_id, eos_token_ids=(tokenizer.eos_token_id,))
+    big = ParallelComp(_random_model(torch, args, device), tokenizer, "llama3-8b-shaped (random weights)")
+    full_s = {}
+    for n in lengths:
+        doc = essay_text(tokenizer, n)
+        st, peak = timed(big, doc, ParallelCompConfig(max_new_tokens=1, chunk_tokens=None))
+        row = {"model": "Llama-3-8B shape, random weights", "method": "parallelcomp", "tokens": st.document_tokens,
+               "prefill_s": st.time_prefill_s, "gpu_peak_gib": peak}
+        ids = torch.tensor(tokenizer.encode(doc, add_special_tokens=False), device=device)
+        if n <= full_max:
+            try:
+                _full_prefill_s(torch, big.model, ids[:2048])  # warm
+                torch.cuda.reset_peak_memory_stats()
+                full_s[n] = _full_prefill_s(torch, big.model, ids)
+                row.update(full_prefill_s=full_s[n], full_measured=True,
+                           full_gpu_peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+        if "full_prefill_s" not in row and len(full_s) >= 2:
+            (n1, t1), (n2, t2) = sorted(full_s.items())[-2:]
+            # t = a n + b n^2 through the two longest measured points.
+            b = (t2 / n2 - t1 / n1) / (n2 - n1)
+            a = t1 / n1 - b * n1
+            row.update(full_prefill_s=a * n + b * n * n, full_measured=False)
+        if "full_prefill_s" in row:
+            row["speedup"] = row["full_prefill_s"] / row["prefill_s"]
+        rows.append(row)
+        print(f"8B-shaped {n}: ParallelComp prefill {row['prefill_s']:.3f} s; full attention "
+              f"{row.get('full_prefill_s', float('nan')):.3f} s ({'measured' if row.get('full_measured') else 'extrapolated'}"
+              f"); {row.get('speedup', float('nan')):.1f}x", flush=True)
+        _save(out_path, rows)
+    return {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "rows": rows}
+
+
+def _save(path: str, rows: list) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"rows": rows}, f, indent=1)
 
 
 def plot(result: dict, path: str) -> None:
@@ -223,7 +344,15 @@ def main() -> int:
                    help="comma-separated precisions to run ParallelComp and truncate in (auto, float32, bfloat16); "
                         "hf_full always runs float32")
     p.add_argument("--one", nargs=2, metavar=("METHOD", "TOKENS"), help=argparse.SUPPRESS)
+    p.add_argument("--gpu-headline", action="store_true",
+                   help="on a CUDA GPU: the bundled model and an 8B-shaped model, ParallelComp against full attention")
+    p.add_argument("--full-max", type=int, default=131072, help="longest document full attention is run at")
     args = p.parse_args()
+    if args.gpu_headline:
+        result = gpu_headline([int(x) for x in args.lengths.split(",")], args.out, args.full_max)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        return 0
     if args.chunk_tokens is not None and args.chunk_tokens < 1:
         p.error(f"--chunk-tokens {args.chunk_tokens}: must be >= 1")
     if args.one:

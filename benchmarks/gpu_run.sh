@@ -3,7 +3,9 @@
 #
 #   bash benchmarks/gpu_run.sh kernels   # install; kernel tests and tests/test_gpu_pipeline.py on the GPU; kernel benchmarks
 #   bash benchmarks/gpu_run.sh check     # the same without the kernel benchmarks (a re-check after a change)
-#   bash benchmarks/gpu_run.sh real      # the bundled model on the GPU: answers, timings, memory, a follow-up
+#   bash benchmarks/gpu_run.sh tune      # tile sweep against SDPA -> $OUT/tuned/<arch>.json (benchmarks/tune_gpu.py)
+#   bash benchmarks/gpu_run.sh real      # the bundled model on the GPU: answers, timings, memory, a follow-up;
+#                                        # then e2e.py --gpu-headline (an 8B-shaped model against full attention)
 #
 # `real`: SmolLM2-135M-Instruct in its default precision with the CLI's defaults (natural questions, no
 # instruction), a passkey and a NIAH document per length in $TOKENS (default 32000,128000), depth 0.37: the
@@ -47,13 +49,19 @@ case "${1:-}" in
     echo "== kernel tests on the GPU"
     PCT_TEST_DEVICE=cuda timeout 240 python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_chunk_attention.py \
       tests/test_decode_attention.py tests/test_select_kv.py 2>&1 | tee "$out/kernel_tests.log" | tail -25
-    echo "== pipeline: GPU (Triton) vs CPU (PyTorch path), tiny model"
-    PCT_TEST_DEVICE=cuda timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_pipeline.py 2>&1 \
-      | tee "$out/pipeline.log" | tail -12
+    echo "== pipeline: GPU (Triton) vs CPU (PyTorch path), tiny model; no host waits inside a forward"
+    PCT_TEST_DEVICE=cuda timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_pipeline.py \
+      tests/test_gpu_sync.py tests/test_dispatch.py 2>&1 | tee "$out/pipeline.log" | tail -12
     [ "$1" = check ] && exit 0
     echo "== kernel benchmarks"
     timeout 180 python3 benchmarks/kernel_bench.py --no-compile-report --out "$out/kernels_h200.json" 2>&1 \
       | tee "$out/kernel_bench.log" | grep -v "^  chunk_attention"
+    ;;
+  tune)  # the tile sweep against SDPA; the table lands in $out/tuned/<arch>.json (commit it to kernels/tuned/)
+    install || { echo "install failed"; exit 1; }
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
+    timeout "${TUNE_TIMEOUT:-500}" python3 benchmarks/tune_gpu.py --out "$out/tuned" --log "$out/tune.jsonl" \
+      --budget-s "${TUNE_BUDGET:-420}" 2>&1 | tee "$out/tune.log" | tail -60
     ;;
   real)
     install || { echo "install failed"; exit 1; }
@@ -68,6 +76,7 @@ case "${1:-}" in
     # Run outside the repo root, so that the repository's kernels/ folder is not a top-level package on the path.
     mkdir -p /tmp/pkg && ln -sfn "$PWD/parallelcomp_triton" /tmp/pkg/parallelcomp_triton
     export PYTHONPATH=/tmp/bundled:/tmp/pkg TOKENS=${TOKENS:-32000,128000} REPEATS=${REPEATS:-2} OUT_JSON="$out/gpu_real.json"
+    repo=$PWD
     echo "== the bundled model on the GPU"
     cd /tmp
     timeout 420 python3 - <<'PY' 2>&1 | tee "$out/real.log" | tail -20
@@ -140,6 +149,9 @@ with open(os.environ["OUT_JSON"], "w") as f:
     json.dump({"environment": env, "results": rows, "followup": followup}, f, indent=1)
 print(f"wrote {os.environ['OUT_JSON']}")
 PY
+    echo "== headline: bundled model, and an 8B-shaped model against full attention"
+    timeout "${HEADLINE_TIMEOUT:-300}" python3 "$repo/benchmarks/e2e.py" --gpu-headline --lengths "$TOKENS" \
+      --out "$out/headline.json" 2>&1 | tee "$out/headline.log" | tail -12
     ;;
-  *) echo "usage: bash benchmarks/gpu_run.sh kernels|check|real" >&2; exit 2 ;;
+  *) echo "usage: bash benchmarks/gpu_run.sh kernels|check|tune|real" >&2; exit 2 ;;
 esac

@@ -23,9 +23,11 @@ and s = bytes per element of q/k/v:
 
 Triton design: one launch, grid (NUM_WINDOW_PROGRAMS + cdiv(max Lq_b, BLOCK_M), B, H).
   * Programs [NUM_WINDOW_PROGRAMS, ...) are FlashAttention-2 forward tiles of BLOCK_M query rows of one
-    (sequence, query head): online softmax in the exp2 domain with sm_scale*log2(e) folded into the
-    score scale; key tiles entirely visible to every row of the tile run without masks, the rest
-    (causal diagonal, ragged tail, key_mask) with masks. Tiles past a sequence's Lq exit at once.
+    (sequence, query head): online softmax in the exp2 domain with sm_scale*log2(e) folded into one
+    multiply-add per score (exp2(s * scale - m)); key tiles entirely visible to every row of the tile run
+    without masks or the empty-row guard, the rest (causal diagonal, ragged tail, key_mask) with them.
+    Query tiles are launched last-first: under the causal mask they see the most keys. Tiles past a
+    sequence's Lq exit at once.
   * Programs [0, NUM_WINDOW_PROGRAMS) each own W_BLOCK rows of the sequence's last w query rows: they
     sweep the keys once for the exact row statistics (m, l), then again writing
     sum_rows exp2(s - m) / l per key into their own slice of a [NUM_WINDOW_PROGRAMS, total_k, H]
@@ -39,6 +41,7 @@ import triton
 import triton.language as tl
 
 from parallelcomp_triton.kernels.dispatch import resolve_backend, triton_interpret_enabled
+from parallelcomp_triton.kernels.tuning import tuned
 
 SCORE_REDUCTIONS = ("sum", "mean", "max", "none")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -84,7 +87,8 @@ def _scaled_scores(q, K, KeyMask, start_n, rows, seq_len_q, seq_len_k, qk_scale,
                    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                    HAS_KEY_MASK: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr,
                    DOT_PRECISION: tl.constexpr):
-    """s = q . k^T * sm_scale * log2(e) for one key tile, -inf where a key is invisible.
+    """s = q . k^T for one key tile (unscaled: callers fold sm_scale * log2(e) into the exponent's
+    multiply-add), -inf where a key is invisible.
 
     K and KeyMask already point at this sequence's first key and this head. MASKED=False: the whole
     tile lies inside the sequence and is causally visible to every row (only key_mask can hide keys)."""
@@ -97,7 +101,7 @@ def _scaled_scores(q, K, KeyMask, start_n, rows, seq_len_q, seq_len_k, qk_scale,
         k = tl.load(k_ptrs)
     if UPCAST:
         k = k.to(tl.float32)
-    s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+    s = tl.dot(q, k, input_precision=DOT_PRECISION)
     if MASKED:
         visible = offs_n[None, :] < seq_len_k
         if CAUSAL:
@@ -125,10 +129,13 @@ def _online_softmax_sweep(acc, m_i, l_i, q, K, V, KeyMask, lo, hi, rows, seq_len
         s = _scaled_scores(q, K, KeyMask, start_n, rows, seq_len_q, seq_len_k, qk_scale,
                            stride_kt, stride_kd, stride_mt,
                            HEAD_DIM, BLOCK_N, CAUSAL, HAS_KEY_MASK, MASKED, UPCAST, DOT_PRECISION)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row that has seen no visible key yet keeps m = -inf; shift it by 0 so exp2 gives 0, not NaN.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # qk_scale > 0: the max commutes with it
+        if MASKED or HAS_KEY_MASK:
+            # A row that has seen no visible key yet keeps m = -inf; shift it by 0 so exp2 gives 0, not NaN.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:  # every row sees every key of an unmasked tile: m is finite, no guard needed
+            m_safe = m_new
+        p = tl.math.exp2(s * qk_scale - m_safe[:, None])  # one multiply-add per score
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         if WITH_V:
@@ -234,14 +241,14 @@ def _window_scores(Q, K, KeyMask, Scores, q_start, seq_len_q, seq_len_k, window_
         s = _scaled_scores(q, K, KeyMask, start_n, rows, seq_len_q, seq_len_k, qk_scale,
                            stride_kt, stride_kd, stride_mt,
                            HEAD_DIM, BLOCK_N, CAUSAL, HAS_KEY_MASK, False, UPCAST, DOT_PRECISION)
-        p = tl.math.exp2(s - m_safe[:, None]) * inv_l[:, None]
+        p = tl.math.exp2(s * qk_scale - m_safe[:, None]) * inv_l[:, None]
         offs_n = start_n + tl.arange(0, BLOCK_N)
         tl.store(score_ptrs + offs_n.to(tl.int64) * stride_st, tl.sum(p, 0))
     for start_n in range(full_end, seq_len_k, BLOCK_N):
         s = _scaled_scores(q, K, KeyMask, start_n, rows, seq_len_q, seq_len_k, qk_scale,
                            stride_kt, stride_kd, stride_mt,
                            HEAD_DIM, BLOCK_N, CAUSAL, HAS_KEY_MASK, True, UPCAST, DOT_PRECISION)
-        p = tl.math.exp2(s - m_safe[:, None]) * inv_l[:, None]
+        p = tl.math.exp2(s * qk_scale - m_safe[:, None]) * inv_l[:, None]
         offs_n = start_n + tl.arange(0, BLOCK_N)
         tl.store(score_ptrs + offs_n.to(tl.int64) * stride_st, tl.sum(p, 0), mask=offs_n < seq_len_k)
 
@@ -284,7 +291,10 @@ def _chunk_attention_fwd_kernel(
     else:
         Out = Out + head.to(tl.int64) * stride_oh
         Lse = Lse + head
-        _attention_tile(Q, K, V, Out, Lse, KeyMask, q_start, seq_len_q, seq_len_k, pid - num_window_programs,
+        # The last query tiles see the most keys under the causal mask: launch them first, so the longest
+        # programs do not start last and leave the GPU idle at the tail.
+        tile_m = tl.num_programs(0) - 1 - pid
+        _attention_tile(Q, K, V, Out, Lse, KeyMask, q_start, seq_len_q, seq_len_k, tile_m,
                         qk_scale,
                         stride_qt, stride_qd, stride_kt, stride_kd, stride_vt, stride_vd,
                         stride_ot, stride_lt, stride_mt,
@@ -297,10 +307,15 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "ieee"
 
 
-def _launch_config(dtype: torch.dtype, head_dim: int) -> dict:
-    """Tiles that fit sm_80 (163 KB shared) and sm_90 (227 KB) at num_warps 4. fp16/bf16 at d <= 128
-    compile with no register spills on either (ptxas -v on the aot_specs kernels; 64x64 at d=128
-    spills on sm_80). fp32 (3xTF32 dots, not the model path) still spills: up to ~450 bytes."""
+def _launch_config(dtype: torch.dtype, head_dim: int, tuned_entry: dict | None = None) -> dict:
+    """The tuned tiles for this GPU and shape class where `kernels/tuned/<arch>.json` has them (measured by
+    benchmarks/tune_gpu.py). Otherwise tiles that fit sm_80 (163 KB shared) and sm_90 (227 KB) at num_warps
+    4: fp16/bf16 at d <= 128 compile with no register spills on either (ptxas -v on the aot_specs kernels;
+    64x64 at d=128 spills on sm_80); fp32 (3xTF32 dots, not the model path) still spills."""
+    if tuned_entry is not None and isinstance(tuned_entry.get("config"), dict):
+        c = tuned_entry["config"]
+        return {"BLOCK_M": int(c["BLOCK_M"]), "BLOCK_N": int(c["BLOCK_N"]), "W_BLOCK": W_BLOCK,
+                "num_warps": int(c.get("num_warps", 4)), "num_stages": int(c.get("num_stages", 2))}
     if dtype == torch.float32:
         block_m, block_n, num_stages = (64, 32, 2) if head_dim <= 64 else (32, 32, 2)
     elif head_dim <= 64:
@@ -377,8 +392,11 @@ def _check_head_dim_for_triton(head_dim: int) -> None:
         raise ValueError(f"chunk_attention: the Triton kernel needs a power-of-2 head dim in [16, 256], got {head_dim}")
 
 
-def _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, score_window, score_reduce, key_mask, *, need_float=True):
-    """Validate and return (bounds_q, bounds_k, group): host lists of sequence starts, and H // H_kv."""
+def _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, score_window, score_reduce, key_mask, *, need_float=True,
+                bounds_q=None, bounds_k=None):
+    """Validate and return (bounds_q, bounds_k, group): host lists of sequence starts, and H // H_kv.
+    `bounds_q` / `bounds_k`: the caller's host copies of cu_seqlens_q / cu_seqlens_k, which spare reading
+    the device tensors back (on a GPU that read waits for all queued work)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
             raise ValueError(f"chunk_attention: {name} must be a 3-D tensor [tokens, heads, head_dim], "
@@ -405,8 +423,10 @@ def _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, score_window, score_reduce,
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError(f"chunk_attention: cu_seqlens_q has {cu_seqlens_q.numel()} entries, "
                          f"cu_seqlens_k {cu_seqlens_k.numel()}")
-    bounds_q = cu_seqlens_q.tolist()
-    bounds_k = cu_seqlens_k.tolist()
+    bounds_q = [int(x) for x in bounds_q] if bounds_q is not None else cu_seqlens_q.tolist()
+    bounds_k = [int(x) for x in bounds_k] if bounds_k is not None else cu_seqlens_k.tolist()
+    if len(bounds_q) != cu_seqlens_q.numel() or len(bounds_k) != cu_seqlens_k.numel():
+        raise ValueError("chunk_attention: bounds_q / bounds_k must have as many entries as cu_seqlens_q / _k")
     for name, bounds, total in (("cu_seqlens_q", bounds_q, total_q), ("cu_seqlens_k", bounds_k, total_k)):
         if bounds[0] != 0 or bounds[-1] != total or any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
             shown = ", ".join(map(str, bounds[:8])) + (", ..." if len(bounds) > 8 else "")
@@ -444,9 +464,12 @@ def _reduce_scores(per_head: torch.Tensor, num_kv_heads: int, score_reduce: str)
 
 
 def chunk_attention_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, *, sm_scale=None, causal=True, score_window=0,
-                           score_reduce="sum", key_mask=None, return_lse=True):
-    """Triton path (CUDA, or CPU under TRITON_INTERPRET=1). Always returns lse (return_lse is ignored)."""
-    bounds_q, _, group = _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, score_window, score_reduce, key_mask)
+                           score_reduce="sum", key_mask=None, return_lse=True, bounds_q=None, bounds_k=None,
+                           config=None):
+    """Triton path (CUDA, or CPU under TRITON_INTERPRET=1). Always returns lse (return_lse is ignored).
+    `config` (BLOCK_M, BLOCK_N, num_warps, num_stages) overrides the tuned or default tiles (the tuner)."""
+    bounds_q, bounds_k, group = _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, score_window, score_reduce,
+                                            key_mask, bounds_q=bounds_q, bounds_k=bounds_k)
     total_q, num_heads, head_dim = q.shape
     total_k, num_kv_heads, _ = k.shape
     _check_head_dim_for_triton(head_dim)
@@ -454,10 +477,14 @@ def chunk_attention_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, *, sm_scale=None
     if q.device.type != "cuda" and not interpret:
         raise ValueError("chunk_attention: the Triton path needs CUDA tensors, or TRITON_INTERPRET=1 on CPU")
     sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
-    cfg = _launch_config(q.dtype, head_dim)
-
     num_seqs = len(bounds_q) - 1
     max_len_q = max(b - a for a, b in zip(bounds_q[:-1], bounds_q[1:]))
+    max_len_k = max(b - a for a, b in zip(bounds_k[:-1], bounds_k[1:]))
+    entry = {"config": config} if config is not None else tuned(
+        q.device, "chunk_attention", max_len_k, dtype=_TRITON_DTYPE_NAMES[q.dtype], head_dim=head_dim, group=group,
+        window=bool(score_window))
+    cfg = _launch_config(q.dtype, head_dim, entry)
+
     max_window = min(score_window, max_len_q)
     num_window_programs = triton.cdiv(max_window, cfg["W_BLOCK"])
     num_q_tiles = triton.cdiv(max_len_q, cfg["BLOCK_M"])
@@ -717,11 +744,12 @@ def _few_rows_runs(bounds_q, bounds_k, key_mask):
 
 
 def chunk_attention_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, *, sm_scale=None, causal=True, score_window=0,
-                          score_reduce="sum", key_mask=None, return_lse=True):
+                          score_reduce="sum", key_mask=None, return_lse=True, bounds_q=None, bounds_k=None):
     """PyTorch path (any device; tuned for CPU): SDPA per sequence, fp32 window scores; runs of sequences
     with the same few query rows (a question suffix over each chunk, the question pass) batched with fp32
     logits (`_torch_few_rows_batched`). lse is None when return_lse=False."""
-    bounds_q, bounds_k, _ = _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, score_window, score_reduce, key_mask)
+    bounds_q, bounds_k, _ = _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, score_window, score_reduce, key_mask,
+                                        bounds_q=bounds_q, bounds_k=bounds_k)
     total_q, num_heads, head_dim = q.shape
     total_k, num_kv_heads, _ = k.shape
     scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
@@ -806,18 +834,69 @@ def chunk_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, *, sm_scale=N
 # --------------------------------------------------------------------------------------------------
 
 
+def chunk_attention_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, *, sm_scale=None, causal=True, bounds_q=None,
+                         bounds_k=None):
+    """torch's SDPA per sequence (cuDNN / FlashAttention on a GPU), for what it computes as well: no window
+    scores, no key mask, no lse, and under `causal` square sequences (its causal mask is top-left aligned).
+    The dispatch takes it where the tuning table says it beats the Triton kernel."""
+    bounds_q, bounds_k, _ = _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, 0, "sum", None,
+                                        bounds_q=bounds_q, bounds_k=bounds_k)
+    if not sdpa_can_run(bounds_q, bounds_k, causal, 0, None, False):
+        raise ValueError("chunk_attention_sdpa: causal sequences must have as many queries as keys")
+    out = _new_buffer(q.shape, dtype=q.dtype, device=q.device)
+    for b in range(len(bounds_q) - 1):
+        q0, q1, k0, k1 = bounds_q[b], bounds_q[b + 1], bounds_k[b], bounds_k[b + 1]
+        if q1 == q0:
+            continue
+        if k1 == k0:
+            out[q0:q1] = 0
+            continue
+        out[q0:q1] = torch.nn.functional.scaled_dot_product_attention(
+            q[q0:q1].transpose(0, 1)[None], k[k0:k1].transpose(0, 1)[None], v[k0:k1].transpose(0, 1)[None],
+            is_causal=causal, scale=sm_scale, enable_gqa=True)[0].transpose(0, 1)
+    return out, None, None
+
+
+def sdpa_can_run(bounds_q, bounds_k, causal, score_window, key_mask, return_lse) -> bool:
+    if score_window or key_mask is not None or return_lse:
+        return False
+    return not causal or all(bounds_q[b + 1] - bounds_q[b] == bounds_k[b + 1] - bounds_k[b]
+                             for b in range(len(bounds_q) - 1))
+
+
+def choose_path(backend, q, k, causal, score_window, key_mask, return_lse, bounds_q, bounds_k) -> str:
+    """"triton", "torch" or "sdpa": the backend's choice, except that on a GPU whose tuning table says SDPA
+    beats the tuned kernel for this shape class, SDPA is taken where it computes the same thing. That needs
+    the lengths on the host (`bounds_q`, `bounds_k`): without them the Triton kernel runs."""
+    path = resolve_backend(backend, q.device)
+    if path != "triton" or q.device.type != "cuda" or bounds_q is None or bounds_k is None:
+        return path
+    if not sdpa_can_run(bounds_q, bounds_k, causal, score_window, key_mask, return_lse):
+        return path
+    group = q.shape[1] // max(1, k.shape[1])
+    max_len_k = max(b - a for a, b in zip(bounds_k[:-1], bounds_k[1:]))
+    entry = tuned(q.device, "chunk_attention", max_len_k, dtype=_TRITON_DTYPE_NAMES.get(q.dtype), head_dim=q.shape[2],
+                  group=group, window=False)
+    return "sdpa" if entry is not None and entry.get("use") == "sdpa" else path
+
+
 def chunk_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, sm_scale=None, causal=True, score_window=0,
-                    score_reduce="sum", key_mask=None, return_lse=True, backend=None):
+                    score_reduce="sum", key_mask=None, return_lse=True, backend=None, bounds_q=None, bounds_k=None):
     """Varlen (bottom-right causal) attention over packed chunks, with SnapKV window scores.
 
     q [total_q, H, d]; k, v [total_k, H_kv, d]; cu_seqlens_q/k int32 [B+1]; key_mask bool [total_k, H]
     (True = excluded). Returns (out [total_q, H, d] in q.dtype, lse fp32 [total_q, H] (natural log;
-    None only from the torch path with return_lse=False), scores fp32 [total_k, H_kv] ([total_k, H] for
-    score_reduce="none"), or None when score_window == 0)."""
+    None from the torch and SDPA paths with return_lse=False), scores fp32 [total_k, H_kv] ([total_k, H]
+    for score_reduce="none"), or None when score_window == 0). `bounds_q` / `bounds_k`: host lists equal
+    to cu_seqlens_q / cu_seqlens_k, where the caller has them: on a GPU nothing is then read back."""
     if not isinstance(q, torch.Tensor):
         raise ValueError(f"chunk_attention: q must be a tensor, got {type(q).__name__}")
     kwargs = dict(sm_scale=sm_scale, causal=causal, score_window=score_window, score_reduce=score_reduce,
-                  key_mask=key_mask, return_lse=return_lse)
-    if resolve_backend(backend, q.device) == "triton":
+                  key_mask=key_mask, return_lse=return_lse, bounds_q=bounds_q, bounds_k=bounds_k)
+    path = choose_path(backend, q, k, causal, score_window, key_mask, return_lse, bounds_q, bounds_k)
+    if path == "sdpa":
+        return chunk_attention_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, sm_scale=sm_scale, causal=causal,
+                                    bounds_q=bounds_q, bounds_k=bounds_k)
+    if path == "triton":
         return chunk_attention_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, **kwargs)
     return chunk_attention_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, **kwargs)

@@ -16,8 +16,11 @@ Triton design:
     is loaded once per group, runs an online softmax (exp2, log2(e) folded into the scale) over its
     split of the keys, and writes the normalised partial output and its log2-sum-exp to fp32 scratch.
     A split past cache_len, or one whose keys are all masked, writes lse = -inf.
-  stage 2, grid (B, H): combines the partials weighted by exp2(lse_i - max lse).
-  num_splits comes from S alone (no host sync): at least SPLIT_MIN_KEYS keys a split, at most MAX_SPLITS.
+  stage 2, grid (B, H): combines the partials weighted by exp2(lse_i - max lse). With one split stage 1
+    writes the output itself and stage 2 is not launched.
+  num_splits comes from shapes alone (no host sync): enough (sequence, KV head, split) programs to fill
+    the GPU (two per SM), at least SPLIT_MIN_KEYS keys a split, at most MAX_SPLITS; a tuned table entry
+    (kernels/tuning.py) may set it, with the key tile and warps.
 
 Cost, for L = cache length, G = H / H_kv, elt = bytes per element, NS = num_splits:
   FLOPs: 4 * B * H * L * d (QK^T and PV, 2 each), plus the exp2 per (head, key).
@@ -32,6 +35,7 @@ import triton.language as tl
 
 from parallelcomp_triton.errors import ParallelCompError
 from parallelcomp_triton.kernels.dispatch import resolve_backend, triton_interpret_enabled
+from parallelcomp_triton.kernels.tuning import DTYPE_NAMES, bucket, tuned
 
 LOG2E = 1.4426950408889634
 SPLIT_MIN_KEYS = 256
@@ -48,9 +52,10 @@ def _decode_split_kernel(
     stride_q_b, stride_q_h,
     stride_k_b, stride_k_h, stride_k_s,
     stride_v_b, stride_v_h, stride_v_s,
-    stride_m_b, stride_m_h,
+    stride_m_b, stride_m_h, stride_o_b, stride_o_h,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, HAS_KEY_MASK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DIRECT: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -105,10 +110,15 @@ def _decode_split_kernel(
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
-    partial_row = (seq * num_heads + head).to(tl.int64) * num_splits + split
-    tl.store(PartialOut + partial_row[:, None] * HEAD_DIM + dim[None, :], out, mask=row_ok[:, None] & dim_ok[None, :])
-    tl.store(PartialLse + partial_row, lse, mask=row_ok)
+    if DIRECT:  # one split: the normalised output is final (PartialOut is `out`, strides of [B, H, d])
+        out_ptrs = PartialOut + seq.to(tl.int64) * stride_o_b + head[:, None].to(tl.int64) * stride_o_h + dim[None, :]
+        tl.store(out_ptrs, out.to(PartialOut.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+    else:
+        lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+        partial_row = (seq * num_heads + head).to(tl.int64) * num_splits + split
+        tl.store(PartialOut + partial_row[:, None] * HEAD_DIM + dim[None, :], out,
+                 mask=row_ok[:, None] & dim_ok[None, :])
+        tl.store(PartialLse + partial_row, lse, mask=row_ok)
 
 
 @triton.jit
@@ -137,10 +147,18 @@ def _decode_combine_kernel(
     tl.store(Out + seq.to(tl.int64) * stride_o_b + head * stride_o_h + dim, out.to(Out.dtype.element_ty), mask=dim_ok)
 
 
-def _split_plan(capacity: int, block_n: int, num_splits: int | None):
-    """Keys per split (a multiple of block_n) and the number of splits, from the capacity alone."""
+def _split_plan(capacity: int, block_n: int, num_splits: int | None, programs: int | None = None):
+    """Keys per split (a multiple of block_n) and the number of splits, from shapes alone (no host sync).
+    `programs`: the (sequence, KV head) programs one split gives and, where known, how many the GPU runs at
+    once (`_target_programs`): splits are added only until the GPU is full, so a large batch, which fills it
+    by itself, runs one split and no combine pass; at most one split per SPLIT_MIN_KEYS keys, MAX_SPLITS."""
     if num_splits is None:
-        num_splits = min(MAX_SPLITS, max(1, math.ceil(capacity / SPLIT_MIN_KEYS)))
+        by_keys = min(MAX_SPLITS, max(1, math.ceil(capacity / SPLIT_MIN_KEYS)))
+        if programs is None:
+            num_splits = by_keys
+        else:
+            have, target = programs
+            num_splits = max(1, min(by_keys, math.ceil(target / max(1, have))))
     split_size = max(block_n, triton.cdiv(triton.cdiv(max(capacity, 1), num_splits), block_n) * block_n)
     return split_size, max(1, triton.cdiv(capacity, split_size))
 
@@ -153,22 +171,41 @@ def _output(out, q):
     return out
 
 
+def _target_programs(device) -> int | None:
+    """Programs that fill the GPU: two per SM (None off CUDA: the interpreter splits by keys alone)."""
+    if device.type != "cuda":
+        return None
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def decode_attention_triton(q, k_cache, v_cache, cache_lens, *, sm_scale=None, key_mask=None, out=None,
-                            block_n=None, num_splits=None):
+                            block_n=None, num_splits=None, config=None):
+    """The Triton path. `config` (BLOCK_N, num_warps, num_stages, splits) overrides the tuned or default
+    launch (the tuner); `block_n` / `num_splits` override single fields."""
     batch, num_heads, head_dim = q.shape
     num_kv_heads, capacity = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
     sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
     interpret = triton_interpret_enabled()
-    block_n = block_n or (128 if interpret else BLOCK_N)  # fewer, cheaper loop trips under the interpreter
-    split_size, num_splits = _split_plan(capacity, block_n, num_splits)
+    if config is None:
+        entry = tuned(q.device, "decode_attention", capacity, dtype=DTYPE_NAMES.get(q.dtype), head_dim=head_dim,
+                      group=group, batch=bucket(batch, hi=64))
+        config = entry.get("config", {}) if entry is not None else {}
+    block_n = block_n or config.get("BLOCK_N") or (128 if interpret else BLOCK_N)  # fewer loop trips interpreted
+    target = _target_programs(q.device)
+    split_size, num_splits = _split_plan(capacity, block_n, num_splits if num_splits is not None else config.get("splits"),
+                                         None if target is None else (batch * num_kv_heads, target))
     q, k_cache, v_cache = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_cache, v_cache))
     out = _output(out, q)
     if out.numel() == 0:
         return out
 
-    partial_out = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
-    partial_lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
+    direct = num_splits == 1
+    if direct:  # the split kernel writes `out` itself: no partials, no combine launch
+        partial_out, partial_lse = out, out
+    else:
+        partial_out = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
+        partial_lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
     if key_mask is not None:  # the kernel reads it as bytes with a unit key stride
         key_mask = (key_mask if key_mask.stride(-1) == 1 else key_mask.contiguous()).view(torch.uint8)
     mask_arg, mask_strides = (key_mask, key_mask.stride()[:2]) if key_mask is not None else (cache_lens, (0, 0))
@@ -179,17 +216,18 @@ def decode_attention_triton(q, k_cache, v_cache, cache_lens, *, sm_scale=None, k
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        *mask_strides,
+        *mask_strides, out.stride(0), out.stride(1),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
         BLOCK_D=block_d, HAS_KEY_MASK=key_mask is not None, UPCAST=interpret,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", DIRECT=direct,
+        num_warps=config.get("num_warps", NUM_WARPS), num_stages=config.get("num_stages", NUM_STAGES),
     )
-    _decode_combine_kernel[(batch, num_heads)](
-        partial_out, partial_lse, out, num_splits, out.stride(0), out.stride(1),
-        HEAD_DIM=head_dim, BLOCK_SPLITS=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
-        num_warps=NUM_WARPS,
-    )
+    if not direct:
+        _decode_combine_kernel[(batch, num_heads)](
+            partial_out, partial_lse, out, num_splits, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, BLOCK_SPLITS=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
+            num_warps=NUM_WARPS,
+        )
     return out
 
 
@@ -252,12 +290,41 @@ def _check_args(q, k_cache, v_cache, cache_lens, key_mask):
                                 f"{k_cache.shape[2]}], got {key_mask.dtype} {tuple(key_mask.shape)}")
 
 
+def decode_attention_sdpa(q, k_cache, v_cache, cache_lens, *, sm_scale=None, key_mask=None, out=None):
+    """torch's SDPA with the cache lengths (and key_mask) as a boolean mask: the dispatch takes it on a GPU
+    whose tuning table says it beats the tuned kernel for this shape class."""
+    capacity = k_cache.shape[2]
+    visible = (torch.arange(capacity, device=q.device)[None, :] < cache_lens.long()[:, None])[:, None, None, :]
+    if key_mask is not None:
+        visible = visible & ~key_mask[:, :, None, :]
+    result = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k_cache, v_cache, attn_mask=visible,
+                                                              scale=sm_scale, enable_gqa=True)[:, :, 0]
+    out = _output(out, q)
+    return out.copy_(torch.nan_to_num(result, nan=0.0))  # a row that sees no key is 0, as in the kernel
+
+
+def decode_path(backend, q, k_cache) -> str:
+    """"triton", "torch" or "sdpa": the backend's choice, except SDPA on a GPU whose tuning table says it wins
+    at this shape class."""
+    path = resolve_backend(backend, q.device)
+    if path == "triton" and q.device.type == "cuda":
+        entry = tuned(q.device, "decode_attention", k_cache.shape[2], dtype=DTYPE_NAMES.get(q.dtype),
+                      head_dim=q.shape[2], group=q.shape[1] // k_cache.shape[1], batch=bucket(q.shape[0], hi=64))
+        if entry is not None and entry.get("use") == "sdpa":
+            return "sdpa"
+    return path
+
+
 def decode_attention(q, k_cache, v_cache, cache_lens, *, sm_scale=None, key_mask=None, out=None, backend=None):
     """Softmax attention of one query token per sequence over its first cache_lens[b] cached keys."""
     _check_args(q, k_cache, v_cache, cache_lens, key_mask)
-    if resolve_backend(backend, q.device) == "triton":
-        return decode_attention_triton(q, k_cache, v_cache, cache_lens, sm_scale=sm_scale, key_mask=key_mask, out=out)
-    return decode_attention_torch(q, k_cache, v_cache, cache_lens, sm_scale=sm_scale, key_mask=key_mask, out=out)
+    path = decode_path(backend, q, k_cache)
+    kwargs = dict(sm_scale=sm_scale, key_mask=key_mask, out=out)
+    if path == "sdpa":
+        return decode_attention_sdpa(q, k_cache, v_cache, cache_lens, **kwargs)
+    if path == "triton":
+        return decode_attention_triton(q, k_cache, v_cache, cache_lens, **kwargs)
+    return decode_attention_torch(q, k_cache, v_cache, cache_lens, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -278,26 +345,28 @@ def aot_specs(dtype: str, head_dim: int) -> list[dict]:
         "stride_q_b": "i32", "stride_q_h": "i32",
         "stride_k_b": "i32", "stride_k_h": "i32", "stride_k_s": "i32",
         "stride_v_b": "i32", "stride_v_h": "i32", "stride_v_s": "i32",
-        "stride_m_b": "i32", "stride_m_h": "i32",
+        "stride_m_b": "i32", "stride_m_h": "i32", "stride_o_b": "i32", "stride_o_h": "i32",
         "GROUP": "constexpr", "HEAD_DIM": "constexpr", "BLOCK_H": "constexpr", "BLOCK_N": "constexpr",
         "BLOCK_D": "constexpr", "HAS_KEY_MASK": "constexpr", "UPCAST": "constexpr", "DOT_PRECISION": "constexpr",
+        "DIRECT": "constexpr",
     }
     aligned = ["Q", "K", "V", "CacheLens", "KeyMask", "PartialOut", "PartialLse", "stride_q_b", "stride_q_h",
                "stride_k_b", "stride_k_h", "stride_k_s", "stride_v_b", "stride_v_h", "stride_v_s"]
     specs = []
-    for group in (4, 8):
-        for has_mask in (False, True):
-            specs.append({
-                "kernel": f"decode_attention_split_g{group}{'_keymask' if has_mask else ''}",
-                "fn": _decode_split_kernel,
-                "signature": split_signature,
-                "constexprs": {"GROUP": group, "HEAD_DIM": head_dim, "BLOCK_H": max(16, triton.next_power_of_2(group)),
-                               "BLOCK_N": BLOCK_N, "BLOCK_D": block_d, "HAS_KEY_MASK": has_mask, "UPCAST": False,
-                               "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"},
-                "num_warps": NUM_WARPS,
-                "num_stages": NUM_STAGES,
-                "attrs": aligned_attrs(_decode_split_kernel, aligned),
-            })
+    for group, has_mask, direct in ((4, False, False), (4, True, False), (8, False, False), (8, True, False),
+                                    (4, False, True), (8, False, True)):
+        signature = dict(split_signature, PartialOut=f"*{dtype}") if direct else split_signature
+        specs.append({
+            "kernel": f"decode_attention_split_g{group}{'_keymask' if has_mask else ''}{'_direct' if direct else ''}",
+            "fn": _decode_split_kernel,
+            "signature": signature,
+            "constexprs": {"GROUP": group, "HEAD_DIM": head_dim, "BLOCK_H": max(16, triton.next_power_of_2(group)),
+                           "BLOCK_N": BLOCK_N, "BLOCK_D": block_d, "HAS_KEY_MASK": has_mask, "UPCAST": False,
+                           "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "DIRECT": direct},
+            "num_warps": NUM_WARPS,
+            "num_stages": NUM_STAGES,
+            "attrs": aligned_attrs(_decode_split_kernel, aligned),
+        })
     specs.append({
         "kernel": "decode_attention_combine",
         "fn": _decode_combine_kernel,

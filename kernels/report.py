@@ -2,6 +2,11 @@
 and print one JSON object per line with its registers, spill bytes and shared memory.
 
     python -m parallelcomp_triton.kernels.report [--targets 80,90] [--dtypes bf16] [--head-dims 64,128]
+    python -m parallelcomp_triton.kernels.report --tuned     # what the tuning tables choose, per GPU
+
+--tuned prints one JSON object per entry of every kernels/tuned/<arch>.json (benchmarks/tune_gpu.py): the
+shape class, the tiles the launch wrapper takes for it, the path the dispatch takes ("triton", or "sdpa"
+where the tuned kernel still lost to torch's SDPA on that card) and both timings.
 
 Each kernel module exposes `aot_specs(dtype, head_dim) -> list[dict]` with keys kernel, fn (the
 @triton.jit function), signature, constexprs, num_warps, num_stages and optionally attrs (ASTSource's
@@ -152,6 +157,23 @@ def compile_report(targets=DEFAULT_TARGETS, dtypes=DEFAULT_DTYPES, head_dims=DEF
     return rows
 
 
+def tuned_rows(directory=None) -> list[dict]:
+    """One row per tuning-table entry, every GPU architecture that has a table."""
+    from pathlib import Path
+
+    from parallelcomp_triton.kernels.tuning import TUNED_DIR, load_table
+
+    rows = []
+    for path in sorted(Path(directory or TUNED_DIR).glob("sm_*.json")):
+        for entry in load_table(path.stem, str(path.parent)):
+            row = {"arch": path.stem, **{k: v for k, v in entry.items() if k not in ("config",)},
+                   "config": entry.get("config")}
+            if entry.get("use") == "sdpa":
+                row["note"] = "dispatch takes torch SDPA for this shape class: the tuned Triton kernel was slower"
+            rows.append(row)
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m parallelcomp_triton.kernels.report",
                                      description=__doc__.split("\n")[0])
@@ -160,7 +182,17 @@ def main(argv=None) -> int:
     parser.add_argument("--dtypes", default=",".join(DEFAULT_DTYPES), help="bf16, fp16, fp32 (default: bf16)")
     parser.add_argument("--head-dims", default=",".join(map(str, DEFAULT_HEAD_DIMS)), help="default: 64,128")
     parser.add_argument("--families", default=",".join(FAMILIES), help="kernel modules (default: all)")
+    parser.add_argument("--tuned", action="store_true",
+                        help="print the tuning tables' choices (kernels/tuned/*.json) instead of compiling")
     args = parser.parse_args(argv)
+    if args.tuned:
+        rows = tuned_rows()
+        if not rows:
+            print("report: no tuning table (kernels/tuned/sm_XX.json): every GPU uses the wrappers' default tiles "
+                  "and the Triton kernels; run benchmarks/tune_gpu.py on a GPU to make one", file=sys.stderr)
+        for row in rows:
+            print(json.dumps(row), flush=True)
+        return 0
     targets = [int(t) for t in args.targets.split(",")]
     dtypes = args.dtypes.split(",")
     head_dims = [int(d) for d in args.head_dims.split(",")]

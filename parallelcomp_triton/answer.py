@@ -12,6 +12,7 @@ from .generation import sample_next
 from .kernels.chunk_attention import chunk_attention
 from .kernels.decode_attention import decode_attention
 from .stats import GenerationResult, Stats
+from .transfer import to_device
 
 
 def new_cache(model, plans) -> CompressedKVCache:
@@ -83,10 +84,10 @@ def question_pass(model, cfg, cache: CompressedKVCache, row: int, suffix: list[i
     configured layers; returns the last row's logits [1, vocab]."""
     device = model.embed_tokens.weight.device
     m, merged = len(suffix), cache.lengths[row]
-    ids = torch.tensor(suffix, dtype=torch.long, device=device)
+    ids = to_device(suffix, torch.long, device)
     pos = torch.arange(p0, p0 + m, device=device)
-    cu_q = torch.tensor([0, m], dtype=torch.int32, device=device)
-    cu_k = torch.tensor([0, merged + m], dtype=torch.int32, device=device)
+    bounds_q, bounds_k = [0, m], [0, merged + m]
+    cu_q, cu_k = to_device(bounds_q, torch.int32, device), to_device(bounds_k, torch.int32, device)
     cal = cfg.calibration
     masked_counts = {}
 
@@ -97,20 +98,21 @@ def question_pass(model, cfg, cache: CompressedKVCache, row: int, suffix: list[i
         if cal is not None and cal.first_layer <= layer <= cal.last_layer:
             rows = min(cal.rows, m)
             _, _, scores = chunk_attention(q, k_all, v_all, cu_q, cu_k, causal=True, score_window=rows,
-                                           score_reduce="none", return_lse=False, backend=backend)
+                                           score_reduce="none", return_lse=False, backend=backend,
+                                           bounds_q=bounds_q, bounds_k=bounds_k)
             key_mask = (scores / rows > cal.tau) & region_mask(cal, merged, m, device)[:, None]
             cache.set_key_mask(layer, row, key_mask)
-            masked_counts[layer] = key_mask.sum(dim=0).tolist()
+            masked_counts[layer] = key_mask.sum(dim=0)  # read back once, after the pass
             if observer is not None:
                 observer.calibration(layer, scores / rows, key_mask)
         out, _, _ = chunk_attention(q, k_all, v_all, cu_q, cu_k, causal=True, key_mask=key_mask,
-                                    return_lse=False, backend=backend)
+                                    return_lse=False, backend=backend, bounds_q=bounds_q, bounds_k=bounds_k)
         return out
 
-    hidden = model(ids, pos, attend, out_rows=torch.tensor([m - 1], device=device))
+    hidden = model(ids, pos, attend, out_rows=to_device([m - 1], torch.long, device))
     cache.lengths[row] = merged + m
     if cal is not None:
-        stats.calibration_masked_per_head = masked_counts
+        stats.calibration_masked_per_head = {layer: counts.tolist() for layer, counts in masked_counts.items()}
     return model.lm_head_rows(hidden)
 
 
@@ -134,8 +136,8 @@ def decode(model, cfg, cache: CompressedKVCache, logits: torch.Tensor, positions
     outs: list[list[int]] = [[] for _ in range(batch)]
     seqs = list(range(batch))  # cache row i decodes sequence seqs[i]
     rows = torch.arange(batch, device=device)
-    at = torch.tensor(cache.lengths, dtype=torch.long, device=device)  # where each row's next K/V goes
-    pos = torch.tensor(positions, dtype=torch.long, device=device)
+    at = to_device(cache.lengths, torch.long, device)  # where each row's next K/V goes
+    pos = to_device(positions, torch.long, device)
     steps = 0
     while True:
         if generators is None:
@@ -152,7 +154,7 @@ def decode(model, cfg, cache: CompressedKVCache, logits: torch.Tensor, positions
             break
         if len(alive) < len(seqs):
             cache.keep_rows(alive)
-            index = torch.tensor(alive, dtype=torch.long, device=device)
+            index = to_device(alive, torch.long, device)
             seqs, tokens = [seqs[i] for i in alive], [tokens[i] for i in alive]
             rows, at, pos = rows[:len(alive)], at[index], pos[index]
         if max(cache.lengths) >= cache.capacity:
@@ -164,7 +166,7 @@ def decode(model, cfg, cache: CompressedKVCache, logits: torch.Tensor, positions
             return decode_attention(q, cache.keys[layer], cache.values[layer], cache_lens,
                                     key_mask=cache.key_mask[layer], backend=backend)
 
-        hidden = model(torch.tensor(tokens, dtype=torch.long, device=device), pos, attend)
+        hidden = model(to_device(tokens, torch.long, device), pos, attend)
         cache.lengths = [n + 1 for n in cache.lengths]
         at += 1
         pos += 1

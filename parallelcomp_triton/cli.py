@@ -50,7 +50,10 @@ def settings_options() -> dict[str, dict]:
                              help=f"document tokens per chunk (default {d.chunk_tokens}), or 'max': as many as "
                                   "the window allows"),
         "window": dict(type=int, default=d.window, help="trained window (default: the model's)"),
-        "batch_chunks": dict(type=int, default=d.batch_chunks, help="chunks prefilled together"),
+        "batch_chunks": dict(type=int, default=d.batch_chunks, help="chunks prefilled together (at least)"),
+        "batch_tokens": dict(type=int, default=d.batch_tokens,
+                             help="tokens per prefill forward, batches grow to fit (default: 16384 on CUDA, "
+                                  "0 on a CPU)"),
         "keep_chunks": dict(type=int, default=d.keep_chunks, help="K: chunks kept after eviction"),
         "score_tokens": dict(choices=SCORE_TOKENS, default=d.score_tokens,
                              help="chunk NLL over the whole question suffix or the question's own tokens"),

@@ -76,7 +76,12 @@ class ParallelCompConfig:
     # answer, in two.
     snap_to_sentences: bool = True
     window: int | None = None  # trained window; None: the model's max_position_embeddings
-    batch_chunks: int = 4
+    batch_chunks: int = 4  # chunks encoded and scored per forward (at least)
+    # Tokens per prefill forward: batches grow past batch_chunks until they hold about this many (0: never).
+    # None: 16384 on CUDA (about what serving engines run per step on H100-class GPUs: fewer, larger
+    # launches), 0 on a CPU, where larger batches measured no faster (BENCHMARKS.md, "Many questions about
+    # one document").
+    batch_tokens: int | None = None
     # Chunk eviction: keep the K chunks with the lowest question NLL.
     keep_chunks: int = 3
     # Which suffix tokens the NLL averages: "question" = the question's own tokens; "suffix" = all of them
@@ -120,6 +125,8 @@ class ParallelCompConfig:
         for name in ("keep_chunks", "batch_chunks", "score_window", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ParallelCompError(f"{name} = {getattr(self, name)}: must be >= 1")
+        if self.batch_tokens is not None and self.batch_tokens < 0:
+            raise ParallelCompError(f"batch_tokens = {self.batch_tokens}: must be >= 0 (or None for the device's)")
         if self.kv_budget is not None and self.kv_budget < 1:
             raise ParallelCompError(f"kv_budget = {self.kv_budget}: must be >= 1 (or None to keep every token)")
         if self.chunk_tokens is not None and self.chunk_tokens < 1:

@@ -20,6 +20,19 @@ from .cache import ChunkKV
 from .kernels.chunk_attention import chunk_attention
 from .read_ahead import ReadAhead
 from .storage import AtomicDir, EncodedDocument, encoding_meta
+from .transfer import to_device
+
+
+GPU_BATCH_TOKENS = 16384
+
+
+def chunks_per_batch(cfg, device, chunk_len: int) -> int:
+    """Chunks per prefill forward: `cfg.batch_chunks`, or more where `cfg.batch_tokens` (on CUDA by default
+    GPU_BATCH_TOKENS) asks for larger batches of chunks of up to `chunk_len` tokens."""
+    tokens = cfg.batch_tokens
+    if tokens is None:
+        tokens = GPU_BATCH_TOKENS if torch.device(device).type == "cuda" else 0
+    return max(cfg.batch_chunks, tokens // max(1, chunk_len))
 
 
 @dataclass(frozen=True)
@@ -54,25 +67,36 @@ def encode_chunks(model, seqs: list[tuple[list[int], list[int]]], capture_prefix
         ids.extend(chunk)
         lens.append(len(prefix) + len(chunk))
     starts = [0] + list(accumulate(lens))
-    ids_t = torch.tensor(ids, dtype=torch.long, device=device)
+    ids_t = to_device(ids, torch.long, device)
     pos_t = torch.cat([torch.arange(n, device=device) for n in lens])
-    cu = torch.tensor(starts, dtype=torch.int32, device=device)
+    cu = to_device(starts, torch.int32, device)
     keys = [[None] * layers for _ in seqs]
     values = [[None] * layers for _ in seqs]
     prefixes = [([None] * layers, [None] * layers) if want else None for want in capture_prefix]
 
+    # On a GPU the batch's K/V go to the stored [H_kv, n, d] layout in one copy per layer and each chunk is a
+    # view of it (a copy per chunk is a launch per chunk and layer); on a CPU each chunk gets its own compact
+    # copy, which the CPU paths downstream read faster.
+    batch_copy = device.type == "cuda"
+
     def attend(layer, q, k, v):
-        out, _, _ = chunk_attention(q, k, v, cu, cu, causal=True, return_lse=False, backend=backend)
+        out, _, _ = chunk_attention(q, k, v, cu, cu, causal=True, return_lse=False, backend=backend,
+                                    bounds_q=starts, bounds_k=starts)
+        if batch_copy:
+            k_all, v_all = k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous()
         for i, (prefix, _) in enumerate(seqs):
             a, p, b = starts[i], starts[i] + len(prefix), starts[i + 1]
-            keys[i][layer] = k[p:b].transpose(0, 1).contiguous()
-            values[i][layer] = v[p:b].transpose(0, 1).contiguous()
-            if prefixes[i] is not None:
+            if batch_copy:
+                keys[i][layer], values[i][layer] = k_all[:, p:b], v_all[:, p:b]
+            else:
+                keys[i][layer] = k[p:b].transpose(0, 1).contiguous()
+                values[i][layer] = v[p:b].transpose(0, 1).contiguous()
+            if prefixes[i] is not None:  # kept until the merge: its own copy, not a view of the batch
                 prefixes[i][0][layer] = k[a:p].transpose(0, 1).contiguous()
                 prefixes[i][1][layer] = v[a:p].transpose(0, 1).contiguous()
         return out
 
-    last = torch.tensor([b - 1 for b in starts[1:]], dtype=torch.long, device=device)
+    last = to_device([b - 1 for b in starts[1:]], torch.long, device)
     hidden = model(ids_t, pos_t, attend, out_rows=last)
     return [ChunkKV(k, v, h) for k, v, h in zip(keys, values, hidden.unbind(0))], prefixes
 

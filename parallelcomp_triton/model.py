@@ -346,8 +346,11 @@ class Transformer(nn.Module):
             for v0 in range(0, weight.shape[0], block):
                 logits = F.linear(hidden, weight[v0:v0 + block]).float()
                 lse = torch.logaddexp(lse, torch.logsumexp(logits, -1))
+                # A gather and a select, not boolean indexing: that would read the mask's count back to
+                # the host (a GPU wait) in every block.
                 inside = (targets >= v0) & (targets < v0 + logits.shape[1])
-                target_logit[inside] = logits[inside, targets[inside] - v0]
+                picked = logits.gather(1, (targets - v0).clamp(0, logits.shape[1] - 1)[:, None])[:, 0]
+                target_logit = torch.where(inside, picked, target_logit)
         return lse - target_logit
 
     def causal_attend(self, cu_seqlens: torch.Tensor) -> AttendFn:

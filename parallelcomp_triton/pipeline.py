@@ -18,7 +18,7 @@ import torch
 
 from . import answer, plan, score
 from .config import ParallelCompConfig
-from .encode import write_encoding
+from .encode import chunks_per_batch, write_encoding
 from .loading import load_model, resolve_model_dir
 from .plan import Plan
 from .precision import resolve_dtype
@@ -153,7 +153,11 @@ class ParallelComp:
     def plan_encoding(self, context: str, config: ParallelCompConfig | None = None):
         """What `encode` writes, checked: (prefix tokens, document tokens, chunk spans, settings)."""
         cfg = self.resolve_config(config, None)
-        return plan.plan_encoding(self.tokenizer, cfg, context, self.args.max_position_embeddings)
+        prefix, document, spans, settings = plan.plan_encoding(self.tokenizer, cfg, context,
+                                                               self.args.max_position_embeddings)
+        # The batches a fresh run on this device would use, recorded so that answers batch alike.
+        settings["batch_chunks"] = chunks_per_batch(cfg, self.device, max(e - s for s, e in spans))
+        return prefix, document, spans, settings
 
     def load_encoded(self, path) -> EncodedDocument:
         """An encoding saved by `encode(path=...)` or `EncodedDocument.save`, checked against this model:

@@ -21,10 +21,11 @@ from itertools import accumulate
 import torch
 
 from .cache import ChunkCache, ChunkKV
-from .encode import chunk_batches, progress_bar
+from .encode import chunk_batches, chunks_per_batch, progress_bar
 from .kernels.chunk_attention import chunk_attention
 from .kernels.select_kv import gather_kv, select_kv
 from .prompt import score_rows
+from .transfer import to_device
 
 
 @dataclass
@@ -55,7 +56,7 @@ def score_chunks(model, items: list[ScoreItem], budget: int | None, pool_kernel:
     device = model.embed_tokens.weight.device
     m_lens = [len(it.suffix) for it in items]
     q_off = [0] + list(accumulate(m_lens))
-    ids = torch.tensor([t for it in items for t in it.suffix], dtype=torch.long, device=device)
+    ids = to_device([t for it in items for t in it.suffix], torch.long, device)
     pos = torch.cat([torch.arange(it.prefix_len + it.kv.length, it.prefix_len + it.kv.length + m, device=device)
                      for it, m in zip(items, m_lens)])
     # Runs of neighbours that share one score window: chunk_attention takes one window per call.
@@ -65,9 +66,9 @@ def score_chunks(model, items: list[ScoreItem], budget: int | None, pool_kernel:
         while j < len(items) and items[j].window == items[i].window:
             j += 1
         k_lens = [items[x].prefix_len + items[x].kv.length + m_lens[x] for x in range(i, j)]
-        cu_q = torch.tensor([0] + list(accumulate(m_lens[i:j])), dtype=torch.int32, device=device)
-        cu_k = torch.tensor([0] + list(accumulate(k_lens)), dtype=torch.int32, device=device)
-        runs.append((i, j, cu_q, cu_k, [0] + list(accumulate(k_lens)), items[i].window))
+        bounds_q, bounds_k = [0] + list(accumulate(m_lens[i:j])), [0] + list(accumulate(k_lens))
+        runs.append((i, j, bounds_q, bounds_k, to_device(bounds_q, torch.int32, device),
+                     to_device(bounds_k, torch.int32, device), items[i].window))
         i = j
     ctx_lens = [it.kv.length for it in items]
     caches = [ChunkCache(index=it.index, context_len=it.kv.length, positions=[] if budget is not None else None)
@@ -77,7 +78,7 @@ def score_chunks(model, items: list[ScoreItem], budget: int | None, pool_kernel:
 
     def attend(layer, q, k, v):
         outs, ctx_scores = [], []
-        for a, b, cu_q, cu_k, k_starts, window in runs:
+        for a, b, bounds_q, k_starts, cu_q, cu_k, window in runs:
             # Packed [H_kv, sum Lk, d] (the stored layout, so the concatenation copies whole rows) and
             # passed transposed: chunk_attention takes [total_k, H_kv, d] views of any strides.
             ks, vs = [], []
@@ -91,7 +92,8 @@ def score_chunks(model, items: list[ScoreItem], budget: int | None, pool_kernel:
             k_run, v_run = torch.cat(ks, dim=1).transpose(0, 1), torch.cat(vs, dim=1).transpose(0, 1)
             out, _, scores = chunk_attention(q[q_off[a]:q_off[b]], k_run, v_run, cu_q, cu_k,
                                              causal=True, score_window=window, score_reduce=gqa_reduce,
-                                             return_lse=False, backend=backend)
+                                             return_lse=False, backend=backend, bounds_q=bounds_q,
+                                             bounds_k=k_starts)
             outs.append(out)
             if scores is not None:
                 for x in range(a, b):
@@ -99,8 +101,10 @@ def score_chunks(model, items: list[ScoreItem], budget: int | None, pool_kernel:
                     ctx_scores.append(scores[start:start + ctx_lens[x]])
         if budget is None:
             for x, (cache, it) in enumerate(zip(caches, items)):
-                cache.keys.append(it.kv.keys[layer])
-                cache.values.append(it.kv.values[layer])
+                # .contiguous(): a GPU batch's chunks are views of one buffer (encode_chunks); a survivor
+                # must not hold the whole batch alive (a no-op for the CPU's compact chunks).
+                cache.keys.append(it.kv.keys[layer].contiguous())
+                cache.values.append(it.kv.values[layer].contiguous())
                 if observer is not None and ctx_scores:
                     observer.chunk_scores(layer, cache.index, ctx_scores[x], None)
         else:
@@ -115,7 +119,7 @@ def score_chunks(model, items: list[ScoreItem], budget: int | None, pool_kernel:
         a, b = it.scored
         rows += [q_off[x] + t - 1 for t in range(max(a, 1), b)]
         targets += [q_off[x] + t for t in range(a, b)]
-    hidden = model(ids, pos, attend, out_rows=torch.tensor(rows, dtype=torch.long, device=device))
+    hidden = model(ids, pos, attend, out_rows=to_device(rows, torch.long, device))
     if budget is not None:
         starts = [0] + list(accumulate(ctx_lens))
         for x, (cache, it) in enumerate(zip(caches, items)):
@@ -130,9 +134,13 @@ def score_chunks(model, items: list[ScoreItem], budget: int | None, pool_kernel:
         n = max(0, b - max(a, 1))
         parts.append(hidden[h:h + n])
         h += n
-    losses = model.token_nll(torch.cat(parts), ids[targets])
-    for cache, part in zip(caches, losses.split([max(0, b - a) for a, b in (it.scored for it in items)])):
-        cache.nll = part.mean().item() if part.numel() else float("nan")
+    losses = model.token_nll(torch.cat(parts), ids[to_device(targets, torch.long, device)])
+    # One read of the NLLs per batch, not one per chunk.
+    nan = losses.new_full((), float("nan"))
+    means = [part.mean() if part.numel() else nan
+             for part in losses.split([max(0, b - a) for a, b in (it.scored for it in items)])]
+    for cache, nll in zip(caches, torch.stack(means).tolist() if means else []):
+        cache.nll = nll
     return caches
 
 
@@ -146,14 +154,14 @@ def compress(caches: list[ChunkCache], budget: int, pool_kernel: int, backend: s
     layers = len(caches[0].pending[1])
     ctx_lens = [c.context_len for c in caches]
     device = caches[0].pending[1][0].device
-    ctx_cu = torch.tensor([0] + list(accumulate(ctx_lens * layers)), dtype=torch.int32, device=device)
+    ctx_cu = to_device([0] + list(accumulate(ctx_lens * layers)), torch.int32, device)
     scores = torch.cat([c.pending[1][layer] for layer in range(layers) for c in caches])
     keep_idx, _ = select_kv(scores, ctx_cu, budget, pool_kernel=pool_kernel, backend=backend)
     keep_idx = keep_idx.view(layers, len(caches), *keep_idx.shape[1:])
     for x, cache in enumerate(caches):
         kv, layer_scores = cache.pending
         n = min(budget, cache.context_len)
-        item_cu = torch.tensor([0, cache.context_len], dtype=torch.int32, device=device)
+        item_cu = to_device([0, cache.context_len], torch.int32, device)
         for layer in range(layers):
             keep = keep_idx[layer, x:x + 1]
             k_c, v_c = gather_kv(kv.keys[layer].transpose(0, 1), kv.values[layer].transpose(0, 1), item_cu, keep,
@@ -201,8 +209,10 @@ def prefill(model, cfg, plans, work: list[tuple[int, int]], backend: str = "auto
     states = [PrefillState(nll=[None] * len(plan.spans)) for plan in plans]
     remaining = collections.Counter(d for d, _ in work)
     bar = progress_bar(len(work), "chunks", progress)
-    for batch, kvs, prefixes in chunk_batches(model, [plan.source for plan in plans], work, cfg.batch_chunks,
-                                              backend, read_ahead):
+    longest = max(e - s for plan in plans for s, e in plan.spans)
+    per_batch = chunks_per_batch(cfg, model.embed_tokens.weight.device, longest)
+    for batch, kvs, prefixes in chunk_batches(model, [plan.source for plan in plans], work, per_batch, backend,
+                                              read_ahead):
         for d, (keys, values) in prefixes.items():
             states[d].prefix_keys, states[d].prefix_values = keys, values
         if append_question:

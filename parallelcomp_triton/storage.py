@@ -127,13 +127,14 @@ class EncodedDocument:
 
     def config(self, config=None):
         """`config` (defaults if None) with this encoding's chunking, prompt and batch settings, so that
-        answers equal a fresh `generate` under that config."""
+        answers equal a fresh `generate` under that config (`batch_chunks`: the batches it was encoded in,
+        `batch_tokens` 0: no larger ones)."""
         from .config import ParallelCompConfig
 
         made = self.settings()
         return dataclasses.replace(config if config is not None else ParallelCompConfig(), mode="parallelcomp",
                                    **{name: made[name] for name in CHUNKING_SETTINGS + PROMPT_SETTINGS},
-                                   batch_chunks=self.meta["batch_chunks"])
+                                   batch_chunks=self.meta["batch_chunks"], batch_tokens=0)
 
     def __repr__(self) -> str:
         return (f"EncodedDocument({str(self.path)!r}, {len(self.document)} tokens, {len(self.spans)} chunks, "
