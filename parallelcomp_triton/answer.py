@@ -37,6 +37,16 @@ def merge(cache: CompressedKVCache, row: int, plan, state) -> None:
 def answer(model, tokenizer, cfg, plans, states, cache: CompressedKVCache, eos: set[int], backend: str = "auto",
            observer=None) -> list[GenerationResult]:
     """Question pass per document over its merged row, then batched decoding; one result per document."""
+    logits, positions = question_passes(model, cfg, plans, states, cache, backend, observer)
+    t = time.perf_counter()
+    outs, steps = drain(decode_steps(model, cfg, cache, logits, positions, eos, backend,
+                                     stop=stop_check(tokenizer, cfg.stop_strings)))
+    return results(model, tokenizer, cfg, plans, states, outs, steps, time.perf_counter() - t)
+
+
+def question_passes(model, cfg, plans, states, cache: CompressedKVCache, backend: str = "auto", observer=None):
+    """Each document's question pass over its merged cache row (stats filled in); returns the last rows'
+    logits [B, vocab] and each row's next position."""
     logits, positions = [], []
     for row, (plan, state) in enumerate(zip(plans, states)):
         st, spans, prefix_len = plan.stats, plan.spans, len(plan.toks.prefix)
@@ -58,24 +68,91 @@ def answer(model, tokenizer, cfg, plans, states, cache: CompressedKVCache, eos: 
         logits.append(question_pass(model, cfg, cache, row, plan.toks.suffix, p0, st, backend, observer))
         st.time_question_s = time.perf_counter() - t
         positions.append(p0 + len(plan.toks.suffix))
+    return torch.cat(logits), positions
 
-    t = time.perf_counter()
-    outs, steps = decode(model, cfg, cache, torch.cat(logits), positions, eos, backend)
-    dt = time.perf_counter() - t
-    results = []
+
+def results(model, tokenizer, cfg, plans, states, outs, steps: int, decode_s: float) -> list[GenerationResult]:
+    """One GenerationResult per document from its decoded tokens (text cut before a stop string)."""
+    out = []
     for plan, state, out_ids in zip(plans, states, outs):
         st = plan.stats
-        st.time_decode_s = dt
+        st.time_decode_s = decode_s
         st.new_tokens = len(out_ids)
         st.decode_steps = steps
-        st.decode_ms_per_token = 1000 * dt / steps if steps else 0.0
+        st.decode_ms_per_token = 1000 * decode_s / steps if steps else 0.0
         st.time_total_s = time.perf_counter() - plan.t0
         st.peak_memory_bytes = peak_memory_bytes(model.embed_tokens.weight.device)
-        text = tokenizer.decode(out_ids, skip_special_tokens=True)
+        text = cut_at_stop(tokenizer.decode(out_ids, skip_special_tokens=True), cfg.stop_strings)
         st.empty_answer = not text.strip()  # the CLI says so on stderr; callers can check here
         kept_positions = {c.index: c.positions for c in state.kept if c.positions is not None}
-        results.append(GenerationResult(text=text, token_ids=out_ids, stats=st, kept_positions=kept_positions))
-    return results
+        out.append(GenerationResult(text=text, token_ids=out_ids, stats=st, kept_positions=kept_positions))
+    return out
+
+
+def stop_check(tokenizer, stop_strings):
+    """A `stop(sequence, tokens)` for decode_steps: True once the decoded text holds a stop string (None
+    without stop strings). Only the text's tail can hold a new match, so only that is decoded each step."""
+    if not stop_strings:
+        return None
+    longest = max(len(x) for x in stop_strings)
+
+    def stop(_, tokens) -> bool:
+        tail = tokenizer.decode(tokens[-(longest + 8):], skip_special_tokens=True)
+        return any(x in tail for x in stop_strings)
+
+    return stop
+
+
+def cut_at_stop(text: str, stop_strings) -> str:
+    """`text` up to the first stop string (the stop string itself is not part of the answer)."""
+    cut = min((i for i in (text.find(x) for x in stop_strings or ()) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def stream_text(model, tokenizer, cfg, plan, state, cache: CompressedKVCache, eos: set[int], backend: str = "auto"):
+    """`answer` for one document as a generator of text pieces, each yielded as soon as it is decoded and
+    stable (no half of a multi-byte character, no start of a possible stop string); the pieces add up to the
+    result's text, which is the generator's return value. Closing it stops the decoding."""
+    logits, positions = question_passes(model, cfg, [plan], [state], cache, backend)
+    t = time.perf_counter()
+    steps = decode_steps(model, cfg, cache, logits, positions, eos, backend, stop=stop_check(tokenizer, cfg.stop_strings))
+    tokens, emitted = [], ""
+    try:
+        while True:
+            try:
+                pairs = next(steps)
+            except StopIteration as done:
+                outs, count = done.value
+                break
+            tokens += [token for _, token in pairs]
+            text = cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), cfg.stop_strings)
+            stable = _stable_prefix(text, cfg.stop_strings)
+            if stable.startswith(emitted) and len(stable) > len(emitted):
+                yield stable[len(emitted):]
+                emitted = stable
+    finally:
+        steps.close()
+    result = results(model, tokenizer, cfg, [plan], [state], outs, count, time.perf_counter() - t)[0]
+    if result.text.startswith(emitted) and len(result.text) > len(emitted):
+        yield result.text[len(emitted):]
+    return result
+
+
+def _stable_prefix(text: str, stop_strings) -> str:
+    """What of `text` can be shown now: not a trailing replacement character (a character whose bytes are
+    not all decoded yet), not a tail that may still grow into a stop string."""
+    text = text.rstrip("\ufffd")
+    hold = max((n for x in stop_strings or () for n in range(1, len(x)) if text.endswith(x[:n])), default=0)
+    return text[:len(text) - hold]
+
+
+def drain(steps):
+    """Run a decode_steps generator to its end; its return value: (tokens per row, steps)."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
 
 
 def question_pass(model, cfg, cache: CompressedKVCache, row: int, suffix: list[int], p0: int, stats: Stats,
@@ -116,10 +193,12 @@ def question_pass(model, cfg, cache: CompressedKVCache, row: int, suffix: list[i
     return model.lm_head_rows(hidden)
 
 
-def decode(model, cfg, cache: CompressedKVCache, logits: torch.Tensor, positions: list[int], eos: set[int],
-           backend: str = "auto") -> tuple[list[list[int]], int]:
+def decode_steps(model, cfg, cache: CompressedKVCache, logits: torch.Tensor, positions: list[int], eos: set[int],
+                 backend: str = "auto", stop=None):
     """Decode every row of `cache` together from `logits` [B, vocab], row b's next token at position
-    positions[b]. Returns (tokens per row, EOS stripped; decode steps run).
+    positions[b]. A generator: yields after each step the (sequence, token) pairs chosen in it, and returns
+    (tokens per row, EOS stripped; decode steps run). Closing it early stops decoding (a client that left).
+    `stop(sequence, tokens)`: True ends that sequence after this token (a stop string in its text).
 
     A sequence that ends (EOS or max_new_tokens) leaves the batch at once: its cache row is compacted
     away (CompressedKVCache.keep_rows), so later steps spend no linear-layer, attention or logit work on it.
@@ -148,8 +227,9 @@ def decode(model, cfg, cache: CompressedKVCache, logits: torch.Tensor, positions
         alive = []
         for i, (s, token) in enumerate(zip(seqs, tokens)):
             outs[s].append(token)
-            if token not in eos and len(outs[s]) < cfg.max_new_tokens:
+            if token not in eos and len(outs[s]) < cfg.max_new_tokens and not (stop and stop(s, outs[s])):
                 alive.append(i)
+        yield list(zip(seqs, tokens))
         if not alive:
             break
         if len(alive) < len(seqs):

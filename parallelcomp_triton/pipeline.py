@@ -26,7 +26,7 @@ from .stats import GenerationResult
 from .read_ahead import ReadAhead
 from .storage import EncodedDocument, open_encoding
 
-__all__ = ["ParallelComp", "GenerationResult"]
+__all__ = ["ParallelComp", "GenerationResult", "TextStream"]
 
 
 class ParallelComp:
@@ -103,9 +103,31 @@ class ParallelComp:
         answers = iter(self.run(cfg, plans, progress) if plans else [])
         return [next(answers) if isinstance(p, Plan) else p for p in planned]
 
+    def stream(self, context, question: str, max_new_tokens: int | None = None,
+               config: ParallelCompConfig | None = None, progress: bool = False) -> "TextStream":
+        """`generate`, with the answer's text yielded piece by piece as it is decoded: ``for piece in
+        pc.stream(doc, q): print(piece, end="")``; afterwards the stream's `result` is what `generate` returns.
+        Closing the stream (or dropping it) stops the decoding."""
+        cfg = self.resolve_config(config, max_new_tokens)
+        plans = [self.plan(context, question, cfg)]
+        return TextStream(self._stream(cfg, plans, progress))
+
+    @torch.no_grad()
+    def _stream(self, cfg, plans, progress):
+        cache, states = self.prefill(cfg, plans, progress)
+        return (yield from answer.stream_text(self.model, self.tokenizer, cfg, plans[0], states[0], cache,
+                                              self.eos_ids(), self.backend))
+
     def run(self, cfg: ParallelCompConfig, plans: list[Plan], progress: bool = False,
             observer=None) -> list[GenerationResult]:
         """The method's steps over planned documents: encode, score and evict, merge, answer."""
+        cache, states = self.prefill(cfg, plans, progress, observer)
+        return answer.answer(self.model, self.tokenizer, cfg, plans, states, cache, self.eos_ids(), self.backend,
+                             observer)
+
+    def prefill(self, cfg: ParallelCompConfig, plans: list[Plan], progress: bool = False, observer=None):
+        """Encode, score and evict every planned document's chunks; returns the merged cache (a row per
+        document) and each document's prefill state."""
         cache = answer.new_cache(self.model, plans)
         t = time.perf_counter()
         work = [(d, c) for d, p in enumerate(plans) for c in range(len(p.spans))]
@@ -116,8 +138,8 @@ class ParallelComp:
         prefill_s = time.perf_counter() - t
         for p in plans:
             p.stats.time_prefill_s = prefill_s
-        return answer.answer(self.model, self.tokenizer, cfg, plans, states, cache, self.eos_ids(), self.backend,
-                             observer)
+        return cache, states
+
 
     # ------------------------------------------------------------------ planning
     def resolve_config(self, config: ParallelCompConfig | None, max_new_tokens: int | None) -> ParallelCompConfig:
@@ -163,3 +185,18 @@ class ParallelComp:
         """An encoding saved by `encode(path=...)` or `EncodedDocument.save`, checked against this model:
         another model, tokenizer or dtype, or a missing, truncated or corrupt file is refused in one line."""
         return open_encoding(path, self.model, self.tokenizer)
+
+
+class TextStream:
+    """An answer's text pieces as they are decoded (`ParallelComp.stream`); `result` is the GenerationResult
+    once the iteration has ended (None before). `close()` stops the decoding."""
+
+    def __init__(self, pieces):
+        self._pieces = pieces
+        self.result: GenerationResult | None = None
+
+    def __iter__(self):
+        self.result = yield from self._pieces
+
+    def close(self) -> None:
+        self._pieces.close()

@@ -67,6 +67,8 @@ def build_parser() -> Parser:
     p.add_argument("--distributed", action="store_true",
                    help="spread the chunk prefill over torchrun's ranks (gloo on CPU, nccl on GPUs)")
     p.add_argument("--json", action="store_true", help="print one JSON object with the answer and the stats")
+    p.add_argument("--stream", action="store_true",
+                   help="print the answer as it is decoded (the default when stdout is a terminal)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -221,9 +223,26 @@ def _main(args) -> int:
         job, expected = _demo_job(pc, args)
     else:
         job = jobs[0]
+    if not args.json and (args.stream or sys.stdout.isatty()):
+        res = _stream_answer(pc, job, cfg, args)
+        _print_answer(res, args, expected, printed=True)
+        return 0
     res = pc.generate(job.context, job.question, config=cfg, progress=not args.no_progress)
     _print_answer(res, args, expected)
     return 0
+
+
+def _stream_answer(pc, job: Job, cfg, args):
+    """Print the answer as it is decoded (leading blanks dropped, as the printed answer strips them)."""
+    stream = pc.stream(job.context, job.question, config=cfg, progress=not args.no_progress)
+    started = False
+    for piece in stream:
+        if not started:
+            piece = piece.lstrip()
+            started = bool(piece)
+        print(piece, end="", flush=True)
+    print(flush=True)
+    return stream.result
 
 
 def check_questions_fit(pc, cfg, jobs: list[Job]) -> None:
@@ -263,7 +282,8 @@ def empty_answer_warning(stats: Stats, where: str = "") -> str:
     return f"warning: {where}empty answer (the model ended its turn at once); {fix}"
 
 
-def _print_answer(res, args, expected, question=None, one_line=False, number=None) -> None:
+def _print_answer(res, args, expected, question=None, one_line=False, number=None, printed=False) -> None:
+    """The answer (unless `printed` already, streamed) and the demo's line, or the JSON object."""
     if res.stats.empty_answer:
         print(empty_answer_warning(res.stats, f"question {number}: " if number is not None else ""), file=sys.stderr)
     if args.json:
@@ -274,7 +294,8 @@ def _print_answer(res, args, expected, question=None, one_line=False, number=Non
             out["expected"] = expected
         print(json.dumps(out), flush=True)
     else:
-        print(" ".join(res.text.splitlines()).strip() if one_line else res.text.strip(), flush=True)
+        if not printed:
+            print(" ".join(res.text.splitlines()).strip() if one_line else res.text.strip(), flush=True)
         if expected is not None:
             st, ok = res.stats, expected in res.text
             print(f"[demo] {st.document_tokens} document tokens, {len(st.chunk_spans)} chunks, kept {st.kept_chunks}, "
