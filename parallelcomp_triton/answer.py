@@ -52,6 +52,7 @@ def question_passes(model, cfg, plans, states, cache: CompressedKVCache, backend
         st, spans, prefix_len = plan.stats, plan.spans, len(plan.toks.prefix)
         st.batch_documents = len(plans)
         st.chunk_spans = [list(s) for s in spans]
+        st.chunk_documents = list(plan.chunk_documents) if plan.chunk_documents is not None else None
         st.chunk_nll = [None] * len(spans)
         for c in state.kept:
             st.chunk_nll[c.index] = c.nll

@@ -37,16 +37,16 @@ def chunks_per_batch(cfg, device, chunk_len: int) -> int:
 
 @dataclass(frozen=True)
 class ChunkSource:
-    """Where a document's chunks come from: its tokens cut at `spans`, or its encoding."""
+    """Where a document's chunks come from: its tokens cut at `spans`, or, per chunk, an encoding and the
+    chunk's index in it (`stored[c]`; None: encode that chunk on the fly)."""
 
     prefix: list[int]                    # the shared prompt prefix (encoded once per document)
     document: list[int]
     spans: tuple[tuple[int, int], ...]
-    encoded: EncodedDocument | None = None
-    chunk_ids: tuple[int, ...] | None = None  # the encoding's index of each span (None: the same index)
+    stored: tuple[tuple[EncodedDocument, int] | None, ...] | None = None
 
-    def stored_chunk(self, c: int) -> int:
-        return self.chunk_ids[c] if self.chunk_ids else c
+    def stored_at(self, c: int) -> tuple[EncodedDocument, int] | None:
+        return self.stored[c] if self.stored is not None else None
 
 
 @torch.no_grad()
@@ -117,13 +117,13 @@ def chunk_batches(model, sources: list[ChunkSource], work: list[tuple[int, int]]
         batch = work[first:first + batch_chunks]
         if read_ahead is not None:
             ahead = work[first + batch_chunks:first + 2 * batch_chunks]
-            paths = [sources[d].encoded.chunk_path(sources[d].stored_chunk(c)) for d, c in ahead
-                     if sources[d].encoded is not None]
+            stored = [sources[d].stored_at(c) for d, c in ahead]
+            paths = [encoded.chunk_path(index) for encoded, index in filter(None, stored)]
             if paths:
                 read_ahead.submit(paths)
         kvs: list[ChunkKV | None] = [None] * len(batch)
         prefixes: dict[int, tuple[list, list]] = {}
-        fresh = [i for i, (d, _) in enumerate(batch) if sources[d].encoded is None]
+        fresh = [i for i, (d, c) in enumerate(batch) if sources[d].stored_at(c) is None]
         if fresh:
             seqs, capture = [], []
             for i in fresh:
@@ -139,12 +139,13 @@ def chunk_batches(model, sources: list[ChunkSource], work: list[tuple[int, int]]
                     prefixes[batch[i][0]] = prefix
             del encoded, captured
         for i, (d, c) in enumerate(batch):
-            src = sources[d]
-            if src.encoded is not None:
-                if src.prefix and d not in seen:
-                    prefixes[d] = src.encoded.load_prefix(device)
+            at = sources[d].stored_at(c)
+            if at is not None:
+                encoded, index = at
+                if sources[d].prefix and d not in seen:
+                    prefixes[d] = encoded.load_prefix(device)
                 seen.add(d)
-                kvs[i] = src.encoded.load_chunk(src.stored_chunk(c), device)
+                kvs[i] = encoded.load_chunk(index, device)
         yield batch, kvs, prefixes
         del kvs, prefixes
 

@@ -24,6 +24,10 @@ become spaces; --json prints one JSON object per question instead). --save-encod
 (--chunk-tokens, --template, --instruction, --window, --batch-chunks are the encoding's) and, under
 --dtype auto, its dtype.
 
+One question over several documents: repeat --input (or --encoding); their chunks are ranked together by
+the question's NLL and the best --keep-chunks are kept whichever documents they come from (the stats'
+chunk_documents tells which).
+
 --distributed (under torchrun): every rank loads the model and prefills its share of the chunks; rank 0
 gathers the K best compressed chunk caches, answers and prints; the other ranks print nothing. With
 --save-encoding or --encoding, each rank encodes (or reads) its share of the chunks in that one directory,
@@ -48,10 +52,11 @@ if TYPE_CHECKING:
 def build_parser() -> Parser:
     p = Parser(prog="python -m parallelcomp_triton.run", description=__doc__.split("\n")[0])
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--input", help="document file (UTF-8), or - for stdin")
+    src.add_argument("--input", action="append",
+                     help="document file (UTF-8), or - for stdin; repeat it to ask about several documents at once")
     src.add_argument("--input-jsonl", metavar="FILE",
                      help="one JSON object per line with context, question (and id); - for stdin")
-    src.add_argument("--encoding", metavar="DIR",
+    src.add_argument("--encoding", metavar="DIR", action="append",
                      help="answer from a document encoded before (--save-encoding) instead of --input")
     src.add_argument("--demo", action="store_true",
                      help="build a passkey document (--demo-tokens long) and answer it: the bundled model's main job")
@@ -140,8 +145,8 @@ def _checked_config(args):
         raise ParallelCompError("--question is not used with --input-jsonl (every line has its own question)")
     if args.demo and (args.questions or len(args.question or []) > 1):
         raise ParallelCompError("--demo answers one question")
-    if args.save_encoding is not None and args.input is None:
-        raise ParallelCompError("--save-encoding needs --input (the document to encode)")
+    if args.save_encoding is not None and (args.input is None or len(args.input) > 1):
+        raise ParallelCompError("--save-encoding needs one --input (the document to encode)")
     if args.batch_docs < 1:
         raise ParallelCompError(f"--batch-docs {args.batch_docs}: must be >= 1")
     if args.demo_tokens < 100:
@@ -175,7 +180,10 @@ def _read_jobs(args) -> list[Job]:
     if args.input_jsonl is not None:
         return read_jsonl(args.input_jsonl)
     if args.input is not None or args.encoding is not None:
-        context = read_document(args.input) if args.input is not None else None
+        context = None
+        if args.input is not None:
+            texts = [read_document(path) for path in args.input]
+            context = texts[0] if len(texts) == 1 else texts  # several: one ranking over all their chunks
         return [Job(n, context=context, question=q) for n, q in enumerate(read_questions(args), start=1)]
     return []
 
@@ -208,7 +216,7 @@ def _main(args) -> int:
     if args.encoding is not None:
         from .storage import read_meta
 
-        meta = read_meta(args.encoding)  # a bad directory fails before the model loads
+        meta = [read_meta(path) for path in args.encoding][0]  # a bad directory fails before the model loads
         if dtype == "auto":
             dtype = meta["dtype"]  # the encoding's precision
     pc = ParallelComp.from_pretrained(args.model, dtype=dtype, device=_device(args), backend=args.backend)
@@ -254,21 +262,26 @@ def check_questions_fit(pc, cfg, jobs: list[Job]) -> None:
 def answer_encoded(pc, jobs: list[Job], cfg, args) -> int:
     """Many questions about one document: encode it once (or load --encoding), then answer every question
     over the encoding, printing each answer as it comes."""
-    if args.encoding is not None:
-        encoded = pc.load_encoded(args.encoding)
-        cfg = encoded.config(cfg)  # chunk, prompt and batch as the encoding did
-    else:
-        check_questions_fit(pc, cfg, jobs)
-        encoded = pc.encode(jobs[0].context, cfg, path=args.save_encoding, progress=not args.no_progress)
+    encodings = []
     try:
+        if args.encoding is not None:
+            encodings = [pc.load_encoded(path) for path in args.encoding]
+            cfg = encodings[0].config(cfg)  # chunk, prompt and batch as the encoding did
+        else:
+            check_questions_fit(pc, cfg, jobs)
+            texts = jobs[0].context if isinstance(jobs[0].context, list) else [jobs[0].context]
+            for text in texts:
+                encodings.append(pc.encode(text, cfg, path=args.save_encoding, progress=not args.no_progress))
+        context = encodings[0] if len(encodings) == 1 else encodings
         for job in jobs:  # every question checked (fits the window, ...) before the first is answered
-            pc.plan(encoded, job.question, cfg)
+            pc.plan(context, job.question, cfg)
         for job in jobs:
-            res = pc.generate(encoded, job.question, config=cfg, progress=not args.no_progress)
+            res = pc.generate(context, job.question, config=cfg, progress=not args.no_progress)
             _print_answer(res, args, None, question=job.question, one_line=len(jobs) > 1,
                           number=job.line if len(jobs) > 1 else None)
     finally:
-        encoded.close()  # removes a temporary encoding; a saved one stays
+        for encoded in encodings:
+            encoded.close()  # removes a temporary encoding; a saved one stays
     return 0
 
 
@@ -374,8 +387,9 @@ def _main_distributed(args, cfg) -> int:
             raise ParallelCompError(value)
         jobs = value
         dtype = args.dtype
-        if args.encoding is not None and dtype == "auto":  # the encoding's precision; every rank must read it,
-            dtype = on_every_rank(ctx, read_meta, args.encoding)["dtype"]  # and a bad one fails before the model
+        if args.encoding is not None and dtype == "auto":
+            # The encodings' precision; every rank must read them, and a bad one fails before the model loads.
+            dtype = on_every_rank(ctx, lambda: [read_meta(p) for p in args.encoding])[0]["dtype"]
         pc = ParallelComp.from_pretrained(args.model, dtype=dtype, device=ctx.device, backend=args.backend)
         progress = ctx.rank == 0 and not args.no_progress
 
@@ -391,9 +405,10 @@ def _main_distributed(args, cfg) -> int:
                 jobs = [job]
             # Several questions (--question repeated, --questions): one generate_batch over the pairs.
             encoded = None
-            if args.encoding is not None:  # each rank reads its share of the chunks from it
-                encoded = on_every_rank(ctx, pc.load_encoded, args.encoding)
-                cfg = encoded.config(cfg)  # chunk, prompt and batch as the encoding did
+            if args.encoding is not None:  # each rank reads its share of the chunks from them
+                encodings = on_every_rank(ctx, lambda: [pc.load_encoded(p) for p in args.encoding])
+                cfg = encodings[0].config(cfg)  # chunk, prompt and batch as the encoding did
+                encoded = encodings[0] if len(encodings) == 1 else encodings
             elif args.save_encoding is not None:
                 check_questions_fit(pc, cfg, jobs)
                 encoded = encode_distributed(pc, ctx, jobs[0].context, args.save_encoding, cfg, progress)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 # Fields present only where they apply; `as_dict` leaves them out otherwise, as `--json` prints.
-_OPTIONAL = ("encoding", "calibration_masked_per_head", "distributed")
+_OPTIONAL = ("encoding", "chunk_documents", "calibration_masked_per_head", "distributed")
 
 
 @dataclass
@@ -19,7 +19,7 @@ class Stats:
     dtype: str = ""                      # the weights' precision, e.g. "bfloat16"
     dtype_source: str = ""               # why that precision (precision.resolve_dtype)
     template: str = ""                   # "plain", "chat" or "prompt" (a config's own template)
-    encoding: str | None = None          # the encoding directory the chunks' K/V came from, if any
+    encoding: str | None = None          # the encoding directories the chunks' K/V came from, if any
     document_tokens: int = 0
     prefix_tokens: int = 0               # the shared prompt prefix, encoded once per document
     question_tokens: int = 0             # the suffix appended to every chunk: the question and template text
@@ -28,6 +28,7 @@ class Stats:
     time_prefill_s: float = 0.0          # chunk encoding, scoring and eviction (all documents of a batch)
     batch_documents: int = 1             # documents answered together
     chunk_spans: list[list[int]] = field(default_factory=list)   # document-token [start, end) per chunk
+    chunk_documents: list[int] | None = None  # several documents: which one (its index) each chunk is from
     chunk_nll: list[float | None] = field(default_factory=list)  # the question's NLL, kept chunks only
     chunk_nll_all: list[float | None] = field(default_factory=list)  # every chunk scored (None: not scored)
     kept_chunks: list[int] = field(default_factory=list)         # chunk eviction's survivors, document order
