@@ -169,3 +169,13 @@ def check_writable(path: str, name: str | None = None) -> None:
         raise ParallelCompError(f"{name}: folder {folder} does not exist")
     if os.path.isdir(path):
         raise ParallelCompError(f"{name}: is a directory")
+
+
+def empty_answer_warning(stats, where: str = "") -> str:
+    """The one stderr line for an answer that came out empty, with the likely fix for the template used."""
+    if stats.template == "plain":
+        fix = "try --template chat, or end the question with the start of its answer (e.g. '... The pass key is')"
+    else:
+        fix = ("end the question with the start of its answer (e.g. '... The pass key is'), or keep more of the "
+               "document (--keep-chunks, --kv-budget)")
+    return f"warning: {where}empty answer (the model ended its turn at once); {fix}"
