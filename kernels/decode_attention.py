@@ -147,7 +147,7 @@ def _decode_combine_kernel(
     tl.store(Out + seq.to(tl.int64) * stride_o_b + head * stride_o_h + dim, out.to(Out.dtype.element_ty), mask=dim_ok)
 
 
-def _split_plan(capacity: int, block_n: int, num_splits: int | None, programs: int | None = None):
+def split_plan(capacity: int, block_n: int, num_splits: int | None, programs: int | None = None):
     """Keys per split (a multiple of block_n) and the number of splits, from shapes alone (no host sync).
     `programs`: the (sequence, KV head) programs one split gives and, where known, how many the GPU runs at
     once (`_target_programs`): splits are added only until the GPU is full, so a large batch, which fills it
@@ -193,7 +193,7 @@ def decode_attention_triton(q, k_cache, v_cache, cache_lens, *, sm_scale=None, k
         config = entry.get("config", {}) if entry is not None else {}
     block_n = block_n or config.get("BLOCK_N") or (128 if interpret else BLOCK_N)  # fewer loop trips interpreted
     target = _target_programs(q.device)
-    split_size, num_splits = _split_plan(capacity, block_n, num_splits if num_splits is not None else config.get("splits"),
+    split_size, num_splits = split_plan(capacity, block_n, num_splits if num_splits is not None else config.get("splits"),
                                          None if target is None else (batch * num_kv_heads, target))
     q, k_cache, v_cache = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_cache, v_cache))
     out = _output(out, q)

@@ -127,7 +127,7 @@ def stream_text(model, tokenizer, cfg, plan, state, cache: CompressedKVCache, eo
                 break
             tokens += [token for _, token in pairs]
             text = cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), cfg.stop_strings)
-            stable = _stable_prefix(text, cfg.stop_strings)
+            stable = stable_prefix(text, cfg.stop_strings)
             if stable.startswith(emitted) and len(stable) > len(emitted):
                 yield stable[len(emitted):]
                 emitted = stable
@@ -139,7 +139,7 @@ def stream_text(model, tokenizer, cfg, plan, state, cache: CompressedKVCache, eo
     return result
 
 
-def _stable_prefix(text: str, stop_strings) -> str:
+def stable_prefix(text: str, stop_strings) -> str:
     """What of `text` can be shown now: not a trailing replacement character (a character whose bytes are
     not all decoded yet), not a tail that may still grow into a stop string."""
     text = text.rstrip("\ufffd")

@@ -89,7 +89,7 @@ def tokenize_prompt(tokenizer, template: str, context: str, question: str) -> Pr
     if add_bos and tokenizer.bos_token_id is not None:
         prefix = [tokenizer.bos_token_id] + prefix
     document = tokenizer.encode(context, add_special_tokens=False)
-    suffix, question_span = _encode_suffix(tokenizer, suffix_text, q0, n)
+    suffix, question_span = encode_suffix(tokenizer, suffix_text, q0, n)
     if not document:
         raise ParallelCompError("the document is empty after tokenization")
     if not suffix:
@@ -107,7 +107,7 @@ def score_rows(toks: PromptTokens, window: int) -> int:
     return min(len(toks.suffix), window + after)
 
 
-def _encode_suffix(tokenizer, text: str, q0: int, n: int) -> tuple[list[int], tuple[int, int]]:
+def encode_suffix(tokenizer, text: str, q0: int, n: int) -> tuple[list[int], tuple[int, int]]:
     """`text` encoded, and the span of its tokens that hold text[q0:q0 + n], the question (the template text
     around it is not the question). Exact from a fast tokenizer's offsets, in the same encoding pass; a slow
     one counts the tokens of the text before and after the question."""

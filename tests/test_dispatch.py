@@ -10,7 +10,7 @@ from _device import DEVICE
 from parallelcomp_triton.kernels import tuning
 from parallelcomp_triton.kernels.chunk_attention import (chunk_attention, chunk_attention_reference,
                                                          chunk_attention_sdpa, sdpa_can_run)
-from parallelcomp_triton.kernels.decode_attention import (_split_plan, decode_attention, decode_attention_reference,
+from parallelcomp_triton.kernels.decode_attention import (split_plan, decode_attention, decode_attention_reference,
                                                           decode_attention_sdpa, decode_attention_triton)
 
 ENTRIES = [
@@ -108,7 +108,7 @@ def test_host_bounds_give_the_same_answer_and_must_match_in_length(backend):
                                                     (300, (3, 264), 2), (32768, (3, 264), 64), (100, None, 1),
                                                     (4096, None, 16)])
 def test_split_count_fills_the_gpu_and_no_more(capacity, programs, want):
-    split_size, splits = _split_plan(capacity, 64, None, programs)
+    split_size, splits = split_plan(capacity, 64, None, programs)
     assert splits == want and split_size % 64 == 0 and split_size * splits >= capacity
 
 

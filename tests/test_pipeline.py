@@ -310,7 +310,7 @@ def test_generate_from_chunks_equals_the_run_that_kept_them(pc):
     ("auto", "Which word comes first? It is", "Which word comes first?", "It is"),
 ])
 def test_question_span_from_offsets_and_from_counting(pc, template, question, asked, answer_start):
-    from parallelcomp_triton.prompt import _encode_suffix, resolve_template, tokenize_prompt
+    from parallelcomp_triton.prompt import encode_suffix, resolve_template, tokenize_prompt
 
     text = resolve_template(pc.tokenizer, template, None, "Read this.")
     toks = tokenize_prompt(pc.tokenizer, text, "alpha beta", question)
@@ -329,7 +329,7 @@ def test_question_span_from_offsets_and_from_counting(pc, template, question, as
     suffix_text = after.replace("{question}", asked).replace("{answer_start}", answer_start)
     q0 = after.find("{question}")
     n = (suffix_text.rindex(answer_start) + len(answer_start) if answer_start else q0 + len(asked)) - q0
-    assert _encode_suffix(Slow(), suffix_text, q0, n) == (toks.suffix, (a, b))
+    assert encode_suffix(Slow(), suffix_text, q0, n) == (toks.suffix, (a, b))
 
 
 @pytest.mark.parametrize("template,question,after", [

@@ -62,7 +62,7 @@ def test_closing_a_stream_stops_decoding(pc, monkeypatch):
 @pytest.mark.parametrize("text,stops,want", [("abc\ufffd", (), "abc"), ("hello wor", ("world",), "hello "),
                                              ("hello", ("lo!",), "hel"), ("plain", None, "plain")])
 def test_stable_prefix_holds_back_what_may_still_change(text, stops, want):
-    assert answer_mod._stable_prefix(text, stops) == want
+    assert answer_mod.stable_prefix(text, stops) == want
 
 
 def test_cli_stream_prints_what_the_plain_run_prints(model_dir, tmp_path, capsys):
