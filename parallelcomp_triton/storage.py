@@ -10,9 +10,12 @@ An encoding is a directory:
                                the final hidden state of its last token (it predicts the question's first token)
 
 It is written into a sibling temporary directory, every file fsynced, meta.json last, then renamed into
-place, so a directory that is there is complete; one without meta.json is refused. Loading checks the
-format version, the model, dtype and file sizes and headers (not every byte: a bit flipped inside a tensor
-is not detected), and chunk files are memory-mapped and read one prefill batch at a time.
+place, so a directory that is there is complete; one without meta.json is refused. meta.json lists every
+file with its size and the crc32 of its bytes as written (`files`: {name: {"bytes", "crc32"}}). Loading
+checks the format version, the model, dtype, file sizes and headers; every byte is checked when it is
+read: a file's checksum is verified before its K/V is used (by the read-ahead, on another core, for every
+batch of chunks but the first; by the load itself otherwise), and a mismatch is refused in one line.
+Chunk files are memory-mapped and read one prefill batch at a time.
 """
 from __future__ import annotations
 
@@ -29,9 +32,10 @@ import torch
 
 from .cache import ChunkKV
 from .errors import ParallelCompError
+from .read_ahead import CHECKSUMS, Crc32, file_checksum, file_identity
 
 FORMAT = "parallelcomp-encoding"
-VERSION = 1
+VERSION = 2  # 2: files carry checksums
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The config fields an encoding depends on besides the model: how the document is cut, then the prompt
 # prefix. An answer must chunk as its encoding did; EncodedDocument.config takes all of them.
@@ -149,13 +153,30 @@ class EncodedDocument:
         except Exception as e:  # missing, truncated or corrupt file
             raise ParallelCompError(f"encoding {self.path}: {name} is unreadable ({_one_line(e)})") from None
 
+    def verify(self, name: str) -> None:
+        """Refuse, in one line, file `name` unless its bytes have the checksum meta.json records: the one
+        the read-ahead computed while reading it, if it did and the file is unchanged since, else read now."""
+        path = self.path / name
+        expected = self.meta["files"][name]["crc32"]
+        read = CHECKSUMS.take(str(path))
+        try:
+            if read is None or read[0] != file_identity(path.stat()):
+                read = file_checksum(path)
+        except OSError as e:
+            raise ParallelCompError(f"encoding {self.path}: {name} is unreadable ({e.strerror or e})") from None
+        if read[1] != expected:
+            raise ParallelCompError(f"encoding {self.path}: {name} is corrupt (checksum mismatch); "
+                                    "encode the document again")
+
     def load_prefix(self, device="cpu") -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         layers = self.meta["num_layers"]
+        self.verify("prefix.safetensors")
         with self._open("prefix.safetensors", device) as f:
             return ([f.get_tensor(f"k.{l}") for l in range(layers)], [f.get_tensor(f"v.{l}") for l in range(layers)])
 
     def load_chunk(self, c: int, device="cpu") -> ChunkKV:
         layers = self.meta["num_layers"]
+        self.verify(chunk_file(c))
         with self._open(chunk_file(c), device) as f:
             try:
                 return ChunkKV([f.get_tensor(f"k.{l}") for l in range(layers)],
@@ -177,6 +198,9 @@ class EncodedDocument:
         try:
             for name in sorted(self.meta["files"]):
                 writer.copy(self.path / name, name)
+                if writer.files[name] != self.meta["files"][name]:  # damaged here: not passed on
+                    raise ParallelCompError(f"encoding {self.path}: {name} is corrupt (checksum mismatch); "
+                                            "encode the document again")
             writer.commit(self.meta)
         except BaseException:
             writer.abort()
@@ -220,7 +244,7 @@ class AtomicDir:
             self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.", suffix=".tmp", dir=self.final.parent))
         except OSError as e:
             raise ParallelCompError(f"{self.final}: cannot write ({e.strerror or e})") from None
-        self.files: dict[str, int] = {}
+        self.files: dict[str, dict] = {}  # name -> {"bytes": size, "crc32": hex} of each file written
 
     @classmethod
     def join(cls, final, tmp) -> "AtomicDir":
@@ -231,12 +255,23 @@ class AtomicDir:
         return writer
 
     def save_tensors(self, name: str, tensors: dict) -> None:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
+        data = save({k: t.contiguous().cpu() for k, t in tensors.items()})
+        self._write(name, [data])
+
+    def _write(self, name: str, pieces) -> None:
+        """Write file `name` from the byte strings `pieces`, fsync it, and record its size and checksum."""
         target = self.tmp / name
-        save_file({k: t.contiguous().cpu() for k, t in tensors.items()}, str(target))
-        _fsync(target)
-        self.files[name] = target.stat().st_size
+        crc, size = Crc32(), 0
+        with open(target, "wb") as f:
+            for piece in pieces:
+                crc.update(piece)
+                size += len(piece)
+                f.write(piece)
+            f.flush()
+            os.fsync(f.fileno())
+        self.files[name] = {"bytes": size, "crc32": crc.hexdigest()}
 
     def save_prefix(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
         self.save_tensors("prefix.safetensors", {**{f"k.{l}": t for l, t in enumerate(keys)},
@@ -246,10 +281,9 @@ class AtomicDir:
         self.save_tensors(chunk_file(c), {**{f"k.{l}": t for l, t in enumerate(kv.keys)},
                                           **{f"v.{l}": t for l, t in enumerate(kv.values)}, "hidden": kv.hidden})
 
-    def copy(self, src: Path, name: str) -> None:
-        shutil.copyfile(src, self.tmp / name)
-        _fsync(self.tmp / name)
-        self.files[name] = (self.tmp / name).stat().st_size
+    def copy(self, src: Path, name: str, block: int = 1 << 22) -> None:
+        with open(src, "rb") as f:
+            self._write(name, iter(lambda: f.read(block), b""))
 
     def commit(self, meta: dict) -> None:
         meta = dict(meta, files=dict(self.files))
@@ -300,7 +334,8 @@ def read_meta(path) -> dict:
 
 def open_encoding(path, model, tokenizer) -> EncodedDocument:
     """Read an encoding directory for this model and tokenizer: refuse (one line) another model, tokenizer or
-    dtype, and a missing, truncated or corrupt file."""
+    dtype, and a missing, truncated or corrupt file (sizes and headers here; each file's checksum when its
+    K/V is read: reading all of a long document's files here would cost a full read of it per load)."""
     path = Path(path)
     meta = read_meta(path)
     enc = EncodedDocument(path, meta)
@@ -315,16 +350,21 @@ def open_encoding(path, model, tokenizer) -> EncodedDocument:
         shape = [kv_heads, e - s, head_dim]
         expected[chunk_file(c)] = {f"{kv}.{l}": shape for kv in "kv" for l in range(layers)}
         expected[chunk_file(c)]["hidden"] = [meta["hidden_size"]]
-    if set(meta.get("files", {})) != set(expected):
+    files = meta.get("files")
+    if not isinstance(files, dict) or set(files) != set(expected):
         raise ParallelCompError(f"encoding {path}: meta.json does not list the expected files")
     for name, shapes in expected.items():
+        listed = files[name]
+        if not (isinstance(listed, dict) and isinstance(listed.get("bytes"), int)
+                and isinstance(listed.get("crc32"), str)):
+            raise ParallelCompError(f"encoding {path}: meta.json lists {name} without its size and checksum")
         file = path / name
         try:
             size = file.stat().st_size
         except OSError:
             raise ParallelCompError(f"encoding {path}: {name} is missing") from None
-        if size != meta["files"][name]:
-            raise ParallelCompError(f"encoding {path}: {name} has {size} bytes, {meta['files'][name]} expected "
+        if size != listed["bytes"]:
+            raise ParallelCompError(f"encoding {path}: {name} has {size} bytes, {listed['bytes']} expected "
                                     "(truncated or corrupt)")
         with enc._open(name, "cpu") as f:
             try:

@@ -132,26 +132,19 @@ def test_next_batch_is_read_ahead_while_this_one_is_scored(pc, monkeypatch, c):
 
 
 def test_read_ahead_reads_whole_files_and_ignores_missing_ones(tmp_path, monkeypatch):
-    """Each file is passed through whole (sendfile to /dev/null, or reads where that fails); a missing file
-    and a directory are skipped without an error; with one CPU the kernel is advised instead."""
+    """Each file is read whole, in block-sized reads, and its checksum left for its load (which takes it
+    once); a missing file and a directory are skipped without an error and leave nothing; with one CPU the
+    kernel is advised instead."""
+    import zlib
+
     import parallelcomp_triton.read_ahead as read_ahead
 
     data = os.urandom(3 * 1000 + 17)
     (tmp_path / "a").write_bytes(data)
     paths = [tmp_path / "missing", tmp_path / "a", tmp_path]
-    sent, reads = [], []
-    real_sendfile = os.sendfile
+    reads = []
 
-    def sendfile(out, fd, offset, count):
-        n = real_sendfile(out, fd, offset, count)
-        sent.append((offset, n))
-        return n
-
-    monkeypatch.setattr(read_ahead.os, "sendfile", sendfile)
-    read_ahead.read_through(paths, block=1000)
-    assert [o for o, _ in sent] == [0, 1000, 2000, 3000] and sum(n for _, n in sent) == len(data)
-
-    class Spy:  # the fallback: reads
+    class Spy:
         def __init__(self, path, mode, buffering):
             self.f = open(path, mode, buffering=buffering)
 
@@ -169,13 +162,14 @@ def test_read_ahead_reads_whole_files_and_ignores_missing_ones(tmp_path, monkeyp
             reads.append(n)
             return n
 
-    def no_sendfile(*args):
-        raise OSError(22, "Invalid argument")
-
-    monkeypatch.setattr(read_ahead.os, "sendfile", no_sendfile)
     monkeypatch.setattr(read_ahead, "open", Spy, raising=False)
-    read_ahead.read_through(paths, block=1000)
-    assert sum(reads) == len(data) and reads[-1] == 0
+    table = read_ahead.Checksums()
+    read_ahead.read_through(paths, block=1000, table=table)
+    assert reads == [1000, 1000, 1000, 17, 0]
+    identity, crc = table.take(str(tmp_path / "a"))
+    assert crc == f"{zlib.crc32(data):08x}" and identity == read_ahead.file_identity((tmp_path / "a").stat())
+    assert table.take(str(tmp_path / "a")) is None  # taken once
+    assert table.take(str(tmp_path / "missing")) is None and table.take(str(tmp_path)) is None
     read_ahead.advise_will_need([tmp_path / "missing", tmp_path / "a"])  # advice: a missing file is no error
     # With one CPU there is no core to read on: the kernel is advised instead, no thread started.
     monkeypatch.setattr(read_ahead.os, "sched_getaffinity", lambda pid: {0}, raising=False)
@@ -193,10 +187,10 @@ def test_read_ahead_drops_a_job_that_has_not_started_when_the_next_comes(tmp_pat
     import parallelcomp_triton.read_ahead as read_ahead
 
     monkeypatch.setattr(read_ahead.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    reader = read_ahead.ReadAhead()
+    reader = read_ahead.ReadAhead(read_ahead.Checksums())
     started, gate, read = threading.Event(), threading.Event(), []
 
-    def read_through(paths):
+    def read_through(paths, generation, table):
         started.set()
         gate.wait(10)
         read.append(paths)
@@ -210,6 +204,8 @@ def test_read_ahead_drops_a_job_that_has_not_started_when_the_next_comes(tmp_pat
     reader.pool.shutdown(wait=True)
     # "a" was running when "b" came, "b" and "c" were dropped while still queued, "d" is the newest.
     assert read == [[tmp_path / "a"], [tmp_path / "d"]]
+    # The dropped jobs' files are left to their loads (not waited for); the others were marked for the reader.
+    assert set(reader.table.table) == {str(tmp_path / "a"), str(tmp_path / "d")}
 
 
 REFUSAL_CASE = case("calibration_k2_b3")
@@ -280,6 +276,19 @@ def _meta_version(d):
     (d / "meta.json").write_text(json.dumps({**meta, "version": 99}))
 
 
+def _version_1(d):
+    """meta.json as the format before checksums wrote it (sizes only)."""
+    meta = json.loads((d / "meta.json").read_text())
+    meta.update(version=1, files={name: f["bytes"] for name, f in meta["files"].items()})
+    (d / "meta.json").write_text(json.dumps(meta))
+
+
+def _no_checksum(d):
+    meta = json.loads((d / "meta.json").read_text())
+    del meta["files"]["chunk_00002.safetensors"]["crc32"]
+    (d / "meta.json").write_text(json.dumps(meta))
+
+
 # id, what is done to a saved encoding, words of the one-line refusal
 DAMAGED = [
     ("truncated", _truncate, ["truncated"]),
@@ -287,6 +296,8 @@ DAMAGED = [
     ("missing_chunk", lambda d: (d / "chunk_00003.safetensors").unlink(), ["missing"]),
     ("no_meta", lambda d: (d / "meta.json").unlink(), ["no meta.json"]),
     ("other_version", _meta_version, ["version"]),
+    ("version_1", _version_1, ["format version 1", "encode the document again"]),
+    ("no_checksum", _no_checksum, ["chunk_00002", "checksum"]),
     ("no_directory", shutil.rmtree, ["no such directory"]),
 ]
 
@@ -385,7 +396,7 @@ CLI_ERRORS = [
     ("no_directory", ["--encoding", "{tmp}/none", "--question", "q"], "no such directory"),
     ("no_question", ["--encoding", "{half}"], "--question is required"),
     ("encoding_and_input", ["--encoding", "{half}", "--input", "{doc}", "--question", "q"], "not allowed with"),
-    ("save_without_input", ["--save-encoding", "{tmp}/e", "--demo"], "--save-encoding needs --input"),
+    ("save_without_input", ["--save-encoding", "{tmp}/e", "--demo"], "--save-encoding needs one --input"),
     ("save_distributed", ["--input", "{doc}", "--question", "q", "--save-encoding", "{tmp}/e", "--distributed"],
      "--distributed"),
     ("no_questions_file", ["--input", "{doc}", "--questions", "{tmp}/missing.txt"], "no such file"),
