@@ -21,5 +21,7 @@ setup(
         "gguf",
         "tqdm",
     ],
-    extras_require={"plot": ["matplotlib"], "eval": ["rouge-score", "rapidfuzz"], "test": ["pytest"]},
+    extras_require={"plot": ["matplotlib"], "eval": ["rouge-score", "rapidfuzz"], "test": ["pytest"],
+                    # python -m parallelcomp_triton.serve (python-multipart: document uploads; openai: its tests)
+                    "serve": ["fastapi", "uvicorn", "python-multipart", "openai"]},
 )
