@@ -232,7 +232,6 @@ def tune_chunk(torch, saver, device, dtype_name, heads, kv, d, length, window, c
         window_pass += w
         saver.record({"kernel": "sdpa", "dtype": dtype_name, "heads": heads, "kv_heads": kv, "head_dim": d,
                       "chunks": n, "chunk_len": length, "batched_ms": b, "per_chunk_ms": f, "window_pass_ms": w})
-        del q, k, v
         if time.monotonic() > deadline:
             break
     ranked = sorted(totals, key=totals.get)

@@ -12,7 +12,7 @@ import zlib
 import pytest
 
 from _cases import assert_same, case, cli_args, raises_one_line
-from parallelcomp_triton import ParallelComp, ParallelCompError
+from parallelcomp_triton import ParallelComp
 from parallelcomp_triton import read_ahead as read_ahead_module
 from parallelcomp_triton import storage
 from parallelcomp_triton.run import main
