@@ -150,3 +150,25 @@ def test_prefill_batches_grow_to_the_token_target_on_cuda(batch_chunks, batch_to
 
     cfg = ParallelCompConfig(batch_chunks=batch_chunks, batch_tokens=batch_tokens)
     assert chunks_per_batch(cfg, torch.device(device), chunk_len) == want
+
+
+def test_prefill_and_encodings_use_the_grown_batches(monkeypatch):
+    import parallelcomp_triton.encode as encode_mod
+    from _cases import DOCUMENTS
+    from _tiny_pipeline import tiny_pc
+
+    from parallelcomp_triton import ParallelCompConfig
+
+    pc = tiny_pc()
+    cfg = ParallelCompConfig(chunk_tokens=97, keep_chunks=2, kv_budget=16, batch_chunks=1, batch_tokens=300,
+                             max_new_tokens=4, template="chat")
+    sizes, real = [], encode_mod.encode_chunks
+    monkeypatch.setattr(encode_mod, "encode_chunks",
+                        lambda model, seqs, *a, **k: sizes.append(len(seqs)) or real(model, seqs, *a, **k))
+    res = pc.generate(DOCUMENTS["d260"], "Which word comes first?", config=cfg)
+    per_batch = 300 // max(e - s for s, e in res.stats.chunk_spans)
+    assert per_batch > 1 and max(sizes) == per_batch
+    sizes.clear()
+    encoded = pc.encode(DOCUMENTS["d260"], cfg)
+    assert encoded.meta["batch_chunks"] == per_batch and max(sizes) == per_batch
+    assert pc.generate(encoded, "Which word comes first?", config=encoded.config(cfg)).token_ids == res.token_ids
