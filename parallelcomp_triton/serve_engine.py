@@ -98,6 +98,23 @@ class JobQueue:
 
 
 # ---------------------------------------------------------------------------------------------- engine
+def one_pass_at_a_time(model) -> None:
+    """Let the answering and the encoding thread share the model one pass at a time. Overlapping passes
+    would not compute alone: a pass of one or two rows on a bf16 CPU switches oneDNN off for the whole
+    process (`model._cpu_gemv`), so the other thread's GEMMs would run other kernels and round otherwise,
+    and answers and stored encodings would depend on what else the server was doing. A question waits at
+    most one pass of an encoding (one batch of chunks)."""
+    if getattr(model, "one_pass_lock", None) is not None:
+        return
+    model.one_pass_lock = threading.RLock()
+    for name in ("forward", "lm_head_rows", "token_nll"):
+        def locked(*args, _method=getattr(model, name), **kwargs):
+            with model.one_pass_lock:
+                return _method(*args, **kwargs)
+
+        setattr(model, name, locked)
+
+
 class Engine:
     """The model, the store and the two threads that use them (see the module's docstring)."""
 
@@ -107,6 +124,7 @@ class Engine:
         from .storage import encoding_settings, model_identity
 
         self.pc, self.cfg, self.store, self.model_id = pc, cfg, store, model_id
+        one_pass_at_a_time(pc.model)
         self.max_batch, self.max_document_tokens = max_batch, max_document_tokens
         # The encoding thread's own tokenizer (a fast tokenizer must not be used by two threads at once);
         # the weights are shared, read-only.

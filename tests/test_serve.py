@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -470,3 +471,36 @@ def test_the_answer_is_found_in_the_second_of_two_documents(bundled_model_dir, t
                    for s in got.model_extra["sources"])
     finally:
         srv.kill()
+
+
+def test_the_model_runs_one_pass_at_a_time():
+    """The answering and encoding threads never run passes at once (a bf16 CPU pass of one or two rows
+    switches oneDNN off for the whole process, which would change the other pass's numbers)."""
+    from _tiny_pipeline import tiny_pc
+
+    from parallelcomp_triton.serve_engine import one_pass_at_a_time
+
+    model = tiny_pc().model
+    one_pass_at_a_time(model)
+    inside, overlaps = [], []
+
+    def attend(layer, q, k, v):
+        inside.append(1)
+        overlaps.append(len(inside) > 1)
+        time.sleep(0.01)
+        inside.pop()
+        return q
+
+    ids, pos = torch.tensor([5, 6, 7]), torch.arange(3)
+
+    def passes():
+        with torch.no_grad():
+            for _ in range(5):
+                model(ids, pos, attend)
+
+    threads = [threading.Thread(target=passes) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(overlaps) == 2 * 5 * model.args.num_layers and not any(overlaps)
