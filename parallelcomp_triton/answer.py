@@ -259,7 +259,6 @@ def decode_steps(model, cfg, cache: CompressedKVCache, logits: torch.Tensor, pos
     return outs, steps
 
 
-
 def region_mask(cal, merged: int, m: int, device) -> torch.Tensor:
     """Which of the merged + m keys calibration may mask: merged-cache positions in the region, never the
     question's own tokens."""

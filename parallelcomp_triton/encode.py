@@ -101,8 +101,6 @@ def encode_chunks(model, seqs: list[tuple[list[int], list[int]]], capture_prefix
     return [ChunkKV(k, v, h) for k, v, h in zip(keys, values, hidden.unbind(0))], prefixes
 
 
-
-
 def chunk_batches(model, sources: list[ChunkSource], work: list[tuple[int, int]], batch_chunks: int,
                   backend: str = "auto", read_ahead: ReadAhead | None = None):
     """Yield (batch, K/V per chunk, new prefixes) for the chunks `work` = [(source, chunk)], `batch_chunks`

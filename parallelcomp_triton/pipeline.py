@@ -140,7 +140,6 @@ class ParallelComp:
             p.stats.time_prefill_s = prefill_s
         return cache, states
 
-
     # ------------------------------------------------------------------ planning
     def resolve_config(self, config: ParallelCompConfig | None, max_new_tokens: int | None) -> ParallelCompConfig:
         """A checked copy of `config` (defaults if None) with `max_new_tokens` applied."""
