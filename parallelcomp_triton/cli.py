@@ -43,7 +43,9 @@ def settings_options() -> dict[str, dict]:
     name, except `calibrate`, whose REGION:I-J:TAU text becomes the `calibration` field."""
     d = ParallelCompConfig()
     return {
-        "mode": dict(choices=MODES, default=d.mode),
+        "mode": dict(choices=MODES, default=d.mode,
+                     help="parallelcomp (default); full or truncate; or an alternative to compare with: yarn, "
+                          "dynamic-ntk, self-extend, streaming"),
         "template": dict(choices=TEMPLATES, default=d.template),
         "instruction": dict(default=d.instruction, help="task text placed before the document (shared prefix)"),
         "chunk_tokens": dict(type=parse_chunk_tokens, default=d.chunk_tokens,
@@ -64,6 +66,13 @@ def settings_options() -> dict[str, dict]:
                             help="KV eviction: keys within pool_kernel // 2 of a high-scoring key are kept with "
                                  "it (odd)"),
         "calibrate": dict(default=None, metavar="REGION:I-J:TAU", help="e.g. sink:3-6:0.1"),
+        "self_extend_window": dict(type=int, default=d.self_extend_window,
+                                   help="mode self-extend: the neighbour window (keys nearer keep their positions)"),
+        "self_extend_group": dict(type=int_or_none("auto"), default=d.self_extend_group,
+                                  help="mode self-extend: the group size, or 'auto': the smallest that fits the "
+                                       "window (default)"),
+        "sink_tokens": dict(type=int, default=d.sink_tokens, help="mode streaming: attention sinks kept"),
+        "stream_step": dict(type=int, default=d.stream_step, help="mode streaming: prompt tokens per forward"),
         "max_new_tokens": dict(type=int, default=d.max_new_tokens),
         "temperature": dict(type=float, default=d.temperature),
         "top_p": dict(type=float, default=d.top_p),

@@ -6,7 +6,10 @@ from dataclasses import dataclass, field
 
 from .errors import ParallelCompError
 
-MODES = ("parallelcomp", "full", "truncate")
+# parallelcomp: the method; full: plain full attention over the whole document (fails past the window);
+# truncate: the document's head and tail that fit the window; the training-free alternatives a user would try
+# instead (alternatives.py): RoPE scaling (yarn, dynamic-ntk), self-extend, streaming (StreamingLLM).
+MODES = ("parallelcomp", "full", "truncate", "yarn", "dynamic-ntk", "self-extend", "streaming")
 REGIONS = ("sink", "recent", "middle", "all")
 GQA_REDUCES = ("max", "mean", "sum")
 SCORE_TOKENS = ("suffix", "question")
@@ -103,6 +106,14 @@ class ParallelCompConfig:
     pool_kernel: int = 15
     gqa_reduce: str = "max"
     calibration: Calibration | None = None
+    # Mode self-extend: keys within this many positions of the query keep their own positions, farther ones
+    # are grouped (floor(position / group)); group None: the smallest that keeps every position in the window.
+    self_extend_window: int = 1024
+    self_extend_group: int | None = None
+    # Mode streaming: the first sink_tokens tokens stay, the rest is a recent window; the prompt is read
+    # stream_step tokens per forward.
+    sink_tokens: int = 4
+    stream_step: int = 1024
     # Decoding.
     max_new_tokens: int = 32
     temperature: float = 0.0
@@ -122,9 +133,15 @@ class ParallelCompConfig:
         if self.prompt is not None and "{answer_start}" in self.prompt and (
                 self.prompt.index("{answer_start}") < self.prompt.index("{question}")):
             raise ParallelCompError("prompt: {answer_start} must come after {question}")
-        for name in ("keep_chunks", "batch_chunks", "score_window", "max_new_tokens"):
+        for name in ("keep_chunks", "batch_chunks", "score_window", "max_new_tokens", "self_extend_window",
+                     "stream_step"):
             if getattr(self, name) < 1:
                 raise ParallelCompError(f"{name} = {getattr(self, name)}: must be >= 1")
+        if self.self_extend_group is not None and self.self_extend_group < 1:
+            raise ParallelCompError(f"self_extend_group = {self.self_extend_group}: must be >= 1 (or None: the "
+                                    "smallest that fits the window)")
+        if self.sink_tokens < 0:
+            raise ParallelCompError(f"sink_tokens = {self.sink_tokens}: must be >= 0")
         if self.batch_tokens is not None and self.batch_tokens < 0:
             raise ParallelCompError(f"batch_tokens = {self.batch_tokens}: must be >= 0 (or None for the device's)")
         if self.kv_budget is not None and self.kv_budget < 1:

@@ -4,7 +4,10 @@
     python -m parallelcomp_triton.evaluate niah --lengths 32000 --question-style both --instruction none
     python -m parallelcomp_triton.evaluate niah --lengths 16000 --mode full --json results/niah.json
     python -m parallelcomp_triton.evaluate longbench --data hotpotqa.jsonl --limit 20 --json results/lb.json
+    python -m parallelcomp_triton.evaluate compare --methods parallelcomp,streaming,yarn --tasks passkey,multikey \
+        --lengths 4000,16000 --json results/compare.json --plot results/compare.png
 
+`compare` runs several methods (modes) over the RULER-style tasks as well (parallelcomp_triton.compare).
 A passkey or niah case counts as correct when the expected key appears in the generated text; longbench
 scores LongBench-format JSONL with LongBench's metrics (see parallelcomp_triton.longbench).
 `python -m parallelcomp_triton.eval` is an alias.
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import time
 
@@ -133,8 +137,9 @@ def format_table(*results: dict) -> str:
 
 def build_parser() -> Parser:
     p = Parser(prog="python -m parallelcomp_triton.evaluate", description=__doc__.split("\n")[0])
-    p.add_argument("task", choices=sorted(TASKS) + ["longbench"],
-                   help="longbench takes its own options (python -m parallelcomp_triton.evaluate longbench --help)")
+    p.add_argument("task", choices=sorted(TASKS) + ["longbench", "compare"],
+                   help="longbench and compare take their own options (python -m parallelcomp_triton.evaluate "
+                        "compare --help)")
     p.add_argument("--lengths", default="16000", help="comma-separated document lengths in tokens")
     p.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
     p.add_argument("--question-style", choices=QUESTION_STYLES, default=None,
@@ -171,17 +176,88 @@ def build_longbench_parser() -> Parser:
     return p
 
 
+def build_compare_parser() -> Parser:
+    from .compare import __doc__ as doc
+    from .tasks import CASES
+
+    p = Parser(prog="python -m parallelcomp_triton.evaluate compare", description=doc.split("\n")[0])
+    p.add_argument("--methods", default="parallelcomp,streaming,truncate",
+                   help="comma-separated modes (parallelcomp, full, truncate, yarn, dynamic-ntk, self-extend, "
+                        "streaming)")
+    p.add_argument("--tasks", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
+    p.add_argument("--lengths", default="4000,16000", help="comma-separated document lengths in tokens")
+    p.add_argument("--depths", default="0.25,0.5,0.75", help="where the needle asked for sits (a case per depth)")
+    p.add_argument("--question-style", choices=("natural", "cue"), default="cue",
+                   help="cue: the question ends in the start of its answer (RULER's style; default)")
+    p.add_argument("--reference-length", type=int, default=4000,
+                   help="in-window reference length: full attention and parallelcomp measured there first")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="skip cells estimated to take longer per question (from the method at a shorter length)")
+    add_model_options(p)
+    add_settings_options(p, omit=("mode", "max_new_tokens"), seed=0,
+                         helps={"seed": "seed of the generated documents (and of sampling)"})
+    p.add_argument("--json", default=None, help="write the result here (rewritten after every cell)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the cells already in --json (same model, cases and settings) and add this grid's")
+    p.add_argument("--plot", default=None, help="write a PNG of accuracy against length per task")
+    return p
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "longbench":  # its own options: --data, --dataset, --limit, ...
         return cli_main(argv[1:], build_longbench_parser, _main_longbench)
+    if argv and argv[0] == "compare":
+        return cli_main(argv[1:], build_compare_parser, _main_compare)
     return cli_main(argv, build_parser, _main)
 
 
+def _main_compare(args) -> int:
+    from . import compare
+    from .pipeline import ParallelComp
+
+    try:
+        grid = compare.Grid(methods=[m for m in args.methods.split(",") if m],
+                            tasks=[t for t in args.tasks.split(",") if t],
+                            lengths=[int(x) for x in args.lengths.split(",") if x],
+                            depths=[float(x) for x in args.depths.split(",") if x], question=args.question_style,
+                            reference_length=args.reference_length, max_seconds=args.max_seconds, seed=args.seed)
+    except ValueError:
+        raise ParallelCompError("--lengths and --depths take comma-separated numbers") from None
+    grid.check()
+    cfg = config_from_args(args)
+    for path in (args.json, args.plot):
+        if path:
+            check_writable(path)
+    if args.plot:  # matplotlib checked before the model loads
+        import importlib.util
+        if importlib.util.find_spec("matplotlib") is None:
+            raise ParallelCompError("--plot needs matplotlib: pip install 'parallelcomp-triton[plot]'")
+    previous = None
+    if args.resume:
+        if not args.json or not os.path.exists(args.json):
+            raise ParallelCompError("--resume needs the --json file of an earlier run")
+        try:
+            with open(args.json) as f:
+                previous = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ParallelCompError(f"--resume: cannot read {args.json} ({e})") from None
+    pc = ParallelComp.from_pretrained(args.model, dtype=args.dtype, backend=args.backend)
+    save = (lambda r: compare.save_json(r, args.json)) if args.json else None
+    result = compare.compare(pc, grid, cfg, log=lambda s: print(s, file=sys.stderr, flush=True), save=save,
+                             previous=previous)
+    if save:
+        save(result)
+    if args.plot:
+        compare.plot(result, args.plot)
+    print(compare.format_table(result))
+    return 0
+
+
 def _main(args) -> int:
-    if args.task == "longbench":  # options came before the subcommand
-        raise ParallelCompError("longbench must come first: python -m parallelcomp_triton.evaluate longbench "
-                                "--data FILE ...")
+    if args.task in ("longbench", "compare"):  # options came before the subcommand
+        raise ParallelCompError(f"{args.task} must come first: python -m parallelcomp_triton.evaluate "
+                                f"{args.task} ...")
     if args.question is not None and args.question_style is not None:
         raise ParallelCompError("give --question-style or a literal --question, not both")
     if args.question in ("natural", "cue"):  # a style's name given as --question: taken as --question-style

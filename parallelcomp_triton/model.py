@@ -30,7 +30,7 @@ from .errors import ParallelCompError
 
 AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
-_ROPE_TYPES = ("default", "linear", "llama3")
+_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
 
 # model_type -> the one architecture of that family this model implements.
 FAMILIES = {
@@ -167,15 +167,26 @@ def _sliding_window(cfg: dict, model_type: str, num_layers: int) -> int | None:
     return int(window)  # Mistral: every layer
 
 
-def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
-    """Inverse frequencies [head_dim / 2], fp32, with the checkpoint's rope scaling applied."""
+def rope_inv_freq(args: ModelArgs, seq_len: int | None = None) -> torch.Tensor:
+    """Inverse frequencies [head_dim / 2], fp32, with the checkpoint's rope scaling applied (transformers'
+    formulas). seq_len: the length a forward covers (max position + 1), which only "dynamic" reads."""
     dim = args.head_dim
-    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    inv_freq = 1.0 / (args.rope_theta ** exponents)
     scaling = args.rope_scaling
     if scaling is None:
         return inv_freq
-    if scaling["rope_type"] == "linear":
+    rope_type = scaling["rope_type"]
+    if rope_type == "linear":
         return inv_freq / float(scaling["factor"])
+    if rope_type == "dynamic":
+        # NTK-aware: past max_position_embeddings the base grows with the length the forward covers.
+        factor, trained = float(scaling["factor"]), args.max_position_embeddings
+        length = max(seq_len or trained, trained)
+        base = args.rope_theta * ((factor * length / trained) - (factor - 1)) ** (dim / (dim - 2))
+        return 1.0 / (base ** exponents)
+    if rope_type == "yarn":
+        return _yarn_inv_freq(args, inv_freq)
     # llama3 (Llama 3.1): long wavelengths are divided by `factor`, short ones kept, the band between blended.
     factor = float(scaling["factor"])
     low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
@@ -187,6 +198,55 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     is_medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
     return torch.where(is_medium, smoothed, scaled)
+
+
+def _yarn_factor(args: ModelArgs) -> float:
+    scaling = args.rope_scaling
+    if scaling.get("factor") is not None:
+        return float(scaling["factor"])
+    return args.max_position_embeddings / _yarn_original(args)
+
+
+def _yarn_original(args: ModelArgs) -> int:
+    return int(args.rope_scaling.get("original_max_position_embeddings") or args.max_position_embeddings)
+
+
+def _yarn_inv_freq(args: ModelArgs, inv_freq: torch.Tensor) -> torch.Tensor:
+    """YaRN: frequencies that turn more than beta_fast times over the trained window are kept, fewer than
+    beta_slow times divided by the factor, a linear ramp between."""
+    scaling, dim, base = args.rope_scaling, args.head_dim, args.rope_theta
+    factor, trained = _yarn_factor(args), _yarn_original(args)
+    beta_fast, beta_slow = float(scaling.get("beta_fast") or 32), float(scaling.get("beta_slow") or 1)
+
+    def dim_of(rotations: float) -> float:  # the dimension that turns `rotations` times over the window
+        return dim * math.log(trained / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dim_of(beta_fast), dim_of(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1: extrapolate (keep the frequency), 0: interpolate (divide it by the factor)
+    return (inv_freq / factor) * (1 - keep) + inv_freq * keep
+
+
+def rope_attention_factor(args: ModelArgs) -> float:
+    """What cos and sin are multiplied by (YaRN's attention temperature; 1 for every other type)."""
+    scaling = args.rope_scaling
+    if scaling is None or scaling["rope_type"] != "yarn":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+
+    def mscale(factor: float, m: float = 1.0) -> float:
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+    factor = _yarn_factor(args)
+    if scaling.get("mscale") and scaling.get("mscale_all_dim"):
+        return mscale(factor, float(scaling["mscale"])) / mscale(factor, float(scaling["mscale_all_dim"]))
+    return mscale(factor)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -305,21 +365,37 @@ class Transformer(nn.Module):
         self.backend = "auto"
         self._inv_freq: torch.Tensor | None = None
 
-    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._inv_freq is None or self._inv_freq.device != position_ids.device:
-            self._inv_freq = rope_inv_freq(self.args).to(position_ids.device)
-        freqs = position_ids.float()[:, None] * self._inv_freq[None, :]
+    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype,
+             args: ModelArgs | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [N, head_dim] at `position_ids` with this model's rope (or `args`': another scaling)."""
+        args = args or self.args
+        device = position_ids.device
+        if args.rope_scaling is not None and args.rope_scaling["rope_type"] == "dynamic":
+            # Depends on the length this forward covers (a host read; dynamic checkpoints only).
+            inv_freq = rope_inv_freq(args, int(position_ids.max()) + 1).to(device)
+        elif args is self.args:
+            if self._inv_freq is None or self._inv_freq.device != device:
+                self._inv_freq = rope_inv_freq(args).to(device)
+            inv_freq = self._inv_freq
+        else:
+            inv_freq = rope_inv_freq(args).to(device)
+        freqs = position_ids.float()[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        scale = rope_attention_factor(args)
+        if scale == 1.0:
+            return emb.cos().to(dtype), emb.sin().to(dtype)
+        return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attend: AttendFn,
-                out_rows: torch.Tensor | None = None) -> torch.Tensor:
+                out_rows: torch.Tensor | None = None, rotary=None) -> torch.Tensor:
         """Packed tokens [N] at positions [N] -> final-normed hidden states [N, hidden], or [len(out_rows),
         hidden] for just the rows `out_rows` (an index tensor). Callers that read a few rows (the question's
         logits) pass them: the last layer's output projection and MLP then skip every other row, a thirtieth
-        of the linear work on the bundled model. Every layer still computes K/V (and attend) for all N."""
+        of the linear work on the bundled model. Every layer still computes K/V (and attend) for all N.
+        rotary: (cos, sin) to rotate q and k with instead of the model's own at `position_ids` (the
+        alternatives runner passes the identity and rotates inside `attend`)."""
         x = self.embed_tokens(input_ids)
-        cos, sin = self.rope(position_ids, x.dtype)
+        cos, sin = rotary if rotary is not None else self.rope(position_ids, x.dtype)
         last = len(self.layers) - 1
         with _cpu_gemv(x.shape[0], x):
             for i, layer in enumerate(self.layers):

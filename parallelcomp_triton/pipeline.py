@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from . import answer, plan, score
+from . import alternatives, answer, plan, score
 from .config import ParallelCompConfig
 from .encode import chunks_per_batch, write_encoding
 from .loading import load_model, resolve_model_dir
@@ -114,13 +114,21 @@ class ParallelComp:
 
     @torch.no_grad()
     def _stream(self, cfg, plans, progress):
+        if cfg.mode in alternatives.ALTERNATIVE_MODES:  # no piecewise decoding there: the answer in one piece
+            result = self.run(cfg, plans)[0]
+            if result.text:
+                yield result.text
+            return result
         cache, states = self.prefill(cfg, plans, progress)
         return (yield from answer.stream_text(self.model, self.tokenizer, cfg, plans[0], states[0], cache,
                                               self.eos_ids(), self.backend))
 
     def run(self, cfg: ParallelCompConfig, plans: list[Plan], progress: bool = False,
             observer=None) -> list[GenerationResult]:
-        """The method's steps over planned documents: encode, score and evict, merge, answer."""
+        """The method's steps over planned documents: encode, score and evict, merge, answer. The alternative
+        modes (alternatives.py) answer each document alone with their own attention."""
+        if cfg.mode in alternatives.ALTERNATIVE_MODES:
+            return [alternatives.answer(self.model, self.tokenizer, cfg, p, self.eos_ids()) for p in plans]
         cache, states = self.prefill(cfg, plans, progress, observer)
         return answer.answer(self.model, self.tokenizer, cfg, plans, states, cache, self.eos_ids(), self.backend,
                              observer)

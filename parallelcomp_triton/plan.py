@@ -138,7 +138,7 @@ def plan_document(model, tokenizer, cfg: ParallelCompConfig, context, question: 
         chunk_documents = tuple(owners) if several else None
         keep, budget, append_question = cfg.keep_chunks, cfg.kv_budget, True
     else:
-        doc = toks.document if cfg.mode == "full" else truncate_middle(toks.document, room)
+        doc = truncate_middle(toks.document, room) if cfg.mode == "truncate" else toks.document
         toks = dataclasses.replace(toks, document=doc)
         spans = [(0, len(doc))]
         keep, budget, append_question = 1, None, False

@@ -1,4 +1,7 @@
-"""Synthetic long-context retrieval cases: passkey (repeated filler) and a needle in real essays.
+"""Synthetic long-context cases: passkey (repeated filler), a needle in real essays, and RULER-style tasks
+built offline from the same essays (Hsieh et al. 2024): multi-key, multi-value and multi-query needles,
+variable tracking, frequent words extraction. Each case lists the strings a right answer holds; its score is
+the share of them found in the answer, as RULER scores.
 
     python -m parallelcomp_triton.tasks passkey --tokens 32000 --depth 0.37 > doc.txt
 
@@ -40,6 +43,13 @@ class RetrievalCase:
     tokens: int  # document tokens
     depth: float
     instruction: str = ""  # the task's instruction, for ParallelCompConfig.instruction
+    required: tuple[str, ...] = ()  # every string a right answer holds (default: just `answer`)
+    max_new_tokens: int = 32  # room for the whole answer
+
+    def score(self, text: str) -> float:
+        """RULER's score: the share of the required strings that the answer holds."""
+        required = self.required or (self.answer,)
+        return sum(r in text for r in required) / len(required)
 
 
 def passkey_case(tokenizer, tokens: int, depth: float = 0.5, seed: int = 0,
@@ -87,12 +97,138 @@ def niah_case(tokenizer, tokens: int, depth: float = 0.5, seed: int = 0, questio
     return RetrievalCase(text, q, key, n + len(needle), depth, NIAH_INSTRUCTION)
 
 
+# ------------------------------------------------------------------ RULER-style tasks
+
+MULTI_INSTRUCTION = ("Some special magic numbers are hidden within the following text. Make sure to memorize them. "
+                     "I will quiz you about the numbers afterwards.\n\n")
+VARIABLE_INSTRUCTION = ("Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n")
+WORDS_INSTRUCTION = ("Read the following coded text and track the frequency of each coded word. Find the three "
+                     "most frequently appeared coded words.\n\n")
+RULER_QUESTIONS = {
+    "multikey": ("What is the special magic number for {key} mentioned in the text above?",
+                 " The special magic number for {key} is"),
+    "multivalue": ("What are all the special magic numbers for {key} mentioned in the text above?",
+                   " The special magic numbers for {key} are"),
+    "multiquery": ("What are all the special magic numbers for {keys} mentioned in the text above?",
+                   " The special magic numbers for {keys} are"),
+    "vartrack": ("Find all variables that are assigned the value {value} in the text above.",
+                 " The variables assigned the value {value} are"),
+    "fwe": ("What are the three most frequently appeared words in the above coded text?",
+            " The three most frequently appeared words are"),
+}
+NEEDLES_PER_CASE = 4  # distractor keys, values per key, keys asked at once (RULER's defaults)
+VARIABLE_HOPS = 4
+
+
+def _rng(task: str, tokens: int, depth: float, seed: int) -> random.Random:
+    return random.Random(f"{task}:{seed}:{tokens}:{int(depth * 1000)}")
+
+
+def _question(task: str, style: str, **fields) -> str:
+    natural, cue = RULER_QUESTIONS[task]
+    text = natural + (cue if style == "cue" else "")
+    return text.format(**fields)
+
+
+def _join(items) -> str:
+    items = list(items)
+    return ", ".join(items[:-1]) + " and " + items[-1] if len(items) > 1 else items[0]
+
+
+def _in_essays(tokenizer, rng: random.Random, tokens: int, needles: list[tuple[float, str]]) -> tuple[str, int]:
+    """A window of essay text about `tokens` tokens long holding each (depth, sentence) of `needles` at its
+    depth, between two sentences; returns the text and its token count."""
+    all_ids = essay_tokens(tokenizer)
+    cost = sum(len(tokenizer.encode(" " + s, add_special_tokens=False)) for _, s in needles)
+    n = max(1, min(tokens - cost, len(all_ids)))
+    start = rng.randint(0, len(all_ids) - n)
+    text = tokenizer.decode(list(all_ids[start:start + n]))
+    for depth, sentence in sorted(needles, key=lambda x: -x[0]):  # from the end: earlier offsets stay valid
+        at = round(len(text) * depth)
+        stop = text.find(". ", at)
+        at = len(text) if stop < 0 or at >= len(text) else stop + 1
+        text = text[:at] + " " + sentence + text[at:]
+    return text, len(tokenizer.encode(text, add_special_tokens=False))
+
+
+def _depths(rng: random.Random, depth: float, count: int) -> list[float]:
+    """The first at `depth`, the others spread at random over the document."""
+    return [depth] + [rng.random() for _ in range(count - 1)]
+
+
+def multikey_case(tokenizer, tokens: int, depth: float = 0.5, seed: int = 0, question: str = "cue") -> RetrievalCase:
+    """NIAH with distractors: needles of the same form with other keys; the one asked for sits at `depth`."""
+    rng = _rng("multikey", tokens, depth, seed)
+    keys = rng.sample(CITIES, NEEDLES_PER_CASE)
+    values = [str(rng.randint(1000000, 9999999)) for _ in keys]
+    needles = [(d, f"The special magic number for {k} is {v}.")
+               for d, k, v in zip(_depths(rng, depth, len(keys)), keys, values)]
+    text, n = _in_essays(tokenizer, rng, tokens, needles)
+    return RetrievalCase(text, _question("multikey", question, key=keys[0]), values[0], n, depth,
+                         MULTI_INSTRUCTION)
+
+
+def multivalue_case(tokenizer, tokens: int, depth: float = 0.5, seed: int = 0, question: str = "cue") -> RetrievalCase:
+    """One key, several values spread through the document (the first at `depth`); all must be returned."""
+    rng = _rng("multivalue", tokens, depth, seed)
+    key = rng.choice(CITIES)
+    values = [str(rng.randint(1000000, 9999999)) for _ in range(NEEDLES_PER_CASE)]
+    needles = [(d, f"One of the special magic numbers for {key} is {v}.")
+               for d, v in zip(_depths(rng, depth, len(values)), values)]
+    text, n = _in_essays(tokenizer, rng, tokens, needles)
+    return RetrievalCase(text, _question("multivalue", question, key=key), values[0], n, depth, MULTI_INSTRUCTION,
+                         required=tuple(values), max_new_tokens=64)
+
+
+def multiquery_case(tokenizer, tokens: int, depth: float = 0.5, seed: int = 0, question: str = "cue") -> RetrievalCase:
+    """Several needles with different keys, all asked for at once (the first at `depth`)."""
+    rng = _rng("multiquery", tokens, depth, seed)
+    keys = rng.sample(CITIES, NEEDLES_PER_CASE)
+    values = [str(rng.randint(1000000, 9999999)) for _ in keys]
+    needles = [(d, f"The special magic number for {k} is {v}.")
+               for d, k, v in zip(_depths(rng, depth, len(keys)), keys, values)]
+    text, n = _in_essays(tokenizer, rng, tokens, needles)
+    return RetrievalCase(text, _question("multiquery", question, keys=_join(keys)), values[0], n, depth,
+                         MULTI_INSTRUCTION, required=tuple(values), max_new_tokens=64)
+
+
+def vartrack_case(tokenizer, tokens: int, depth: float = 0.5, seed: int = 0, question: str = "cue") -> RetrievalCase:
+    """A chain of assignments (VAR A = 12345, VAR B = VAR A, ...) in document order, the first at `depth`, the
+    hops spread over the rest; every variable of the chain must be named."""
+    rng = _rng("vartrack", tokens, depth, seed)
+    names = ["".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5)) for _ in range(VARIABLE_HOPS + 1)]
+    value = str(rng.randint(10000, 99999))
+    at = sorted(depth + (1 - depth) * rng.random() for _ in range(VARIABLE_HOPS))
+    needles = [(depth, f"VAR {names[0]} = {value}.")]
+    needles += [(d, f"VAR {names[i + 1]} = VAR {names[i]}.") for i, d in enumerate(at)]
+    text, n = _in_essays(tokenizer, rng, tokens, needles)
+    return RetrievalCase(text, _question("vartrack", question, value=value), names[0], n, depth,
+                         VARIABLE_INSTRUCTION, required=tuple(names), max_new_tokens=48)
+
+
+def fwe_case(tokenizer, tokens: int, depth: float = 0.5, seed: int = 0, question: str = "cue") -> RetrievalCase:
+    """Frequent words extraction: coded words drawn with Zipf-like frequencies (the k-th most common about
+    1/k^2 as often, after RULER's alpha 2); the three most frequent must be named. Aggregation over the whole
+    document: nothing here sits at a depth (`depth` only varies the draw)."""
+    rng = _rng("fwe", tokens, depth, seed)
+    vocab = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(4, 6))) for _ in range(200)]
+    weights = [1.0 / (k + 1) ** 2 for k in range(len(vocab))]
+    per_word = len(tokenizer.encode(" ".join(vocab[:50]), add_special_tokens=False)) / 50
+    count = max(10, round(tokens / per_word))
+    words = rng.choices(vocab, weights=weights, k=count)
+    text = " ".join(words)
+    counts = sorted(((words.count(w), w) for w in set(words)), reverse=True)
+    top = tuple(w for _, w in counts[:3])
+    n = len(tokenizer.encode(text, add_special_tokens=False))
+    return RetrievalCase(text, _question("fwe", question), top[0], n, depth, WORDS_INSTRUCTION, required=top)
+
+
 def main(argv=None) -> int:
     import argparse
     import sys
 
     p = argparse.ArgumentParser(prog="python -m parallelcomp_triton.tasks", description=__doc__.split("\n")[0])
-    p.add_argument("task", choices=("passkey", "niah"))
+    p.add_argument("task", choices=sorted(CASES))
     p.add_argument("--tokens", type=int, default=32000, help="document length in the bundled model's tokens")
     p.add_argument("--depth", type=float, default=0.5, help="where the answer sits, 0 (start) to 1 (end)")
     p.add_argument("--seed", type=int, default=0)
@@ -105,14 +241,19 @@ def main(argv=None) -> int:
 
         tokenizer = load_tokenizer(None)
         tokenizer.model_max_length = 1 << 62  # counting a long document's tokens is not running the model
-        make = passkey_case if args.task == "passkey" else niah_case
-        case = make(tokenizer, args.tokens, depth=args.depth, seed=args.seed, question="natural")
+        case = CASES[args.task](tokenizer, args.tokens, depth=args.depth, seed=args.seed, question="natural")
     except ParallelCompError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     sys.stdout.write(case.context)
-    print(f"{case.tokens} tokens; question: {case.question!r}; answer: {case.answer}", file=sys.stderr)
+    print(f"{case.tokens} tokens; question: {case.question!r}; answer: {', '.join(case.required or (case.answer,))}",
+          file=sys.stderr)
     return 0
+
+
+# Every task by name: passkey and niah first, then the RULER-style ones.
+CASES = {"passkey": passkey_case, "niah": niah_case, "multikey": multikey_case, "multivalue": multivalue_case,
+         "multiquery": multiquery_case, "vartrack": vartrack_case, "fwe": fwe_case}
 
 
 if __name__ == "__main__":

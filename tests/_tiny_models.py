@@ -75,6 +75,16 @@ TINY_VARIANTS = {
         num_attention_heads=8, num_key_value_heads=2, head_dim=16, rope_theta=50000.0,
         rope_scaling={"rope_type": "linear", "factor": 4.0}, legacy_rope_config=True,
     ),
+    # YaRN as Qwen2.5's model cards add it (factor 4 over the trained window), and dynamic NTK with a window
+    # the 512-token test passes (its base then grows with the forward's length).
+    "gqa2_yarn": dict(
+        num_attention_heads=4, num_key_value_heads=2,
+        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128},
+    ),
+    "gqa2_dynamic_legacy": dict(
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        rope_scaling={"rope_type": "dynamic", "factor": 2.0}, legacy_rope_config=True,
+    ),
     "sharded": dict(num_attention_heads=4, num_key_value_heads=1, max_shard_size="100KB"),
     "bf16_saved": dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=3, save_dtype=torch.bfloat16),
 }
@@ -145,6 +155,9 @@ FAMILY_VARIANTS = {
     "mistral": ("mistral", {}),  # sliding_window null, as Mistral v0.2+ / Nemo
     "mistral_window_covers_all": ("mistral", dict(sliding_window=4096, head_dim=32)),
     "llama_attention_bias": ("llama", dict(attention_bias=True)),
+    # Qwen2.5's YaRN block (model cards: add it to config.json for 128K), over a small trained window.
+    "qwen2_yarn": ("qwen2", dict(max_position_embeddings=256, rope_scaling={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64})),
 }
 
 
