@@ -29,6 +29,9 @@ from .tasks import CASES
 # Methods that attend over the whole prompt: their cost grows with the square of its length.
 QUADRATIC = ("full", "yarn", "dynamic-ntk", "self-extend")
 REFERENCE_METHODS = ("full", "parallelcomp")
+# Settings that only one method reads: recorded per cell, free to differ between runs that grow one result.
+METHOD_SETTINGS = {"self-extend": ("self_extend_window", "self_extend_group"),
+                   "streaming": ("sink_tokens", "stream_step")}
 WITHIN_REACH = 0.5  # reference accuracy below this: the task is beyond the model, even inside its window
 
 
@@ -80,7 +83,8 @@ def compare(pc, grid: Grid, config: ParallelCompConfig, log=None, save=None, pre
             return measured[key]
         reason = _skip_reason(method, length, measured, grid.max_seconds) if not reference else None
         out = {"task": task, "method": method, "length": length, "accuracy": None, "seconds_per_question": None,
-               "skipped": reason, "cases": []}
+               "skipped": reason, "settings": {k: getattr(config, k) for k in METHOD_SETTINGS.get(method, ())},
+               "cases": []}
         if reason is None:
             for depth in grid.depths:
                 case = cases.setdefault((task, length, depth), CASES[task](pc.tokenizer, length, depth=depth,
@@ -140,7 +144,10 @@ def _check_same_cases(previous: dict, result: dict) -> None:
         if previous["grid"].get(name) != result["grid"][name]:
             raise ParallelCompError(f"--resume: the earlier result has {name} {previous['grid'].get(name)!r}, "
                                     f"this run {result['grid'][name]!r}")
-    if previous.get("config") != json.loads(json.dumps(result["config"])):
+    def shared(cfg: dict) -> dict:
+        return {k: v for k, v in cfg.items() if not any(k in names for names in METHOD_SETTINGS.values())}
+
+    if shared(previous.get("config") or {}) != shared(json.loads(json.dumps(result["config"]))):
         raise ParallelCompError("--resume: the earlier result was measured with other settings")
 
 

@@ -213,13 +213,16 @@ def fwe_case(tokenizer, tokens: int, depth: float = 0.5, seed: int = 0, question
     rng = _rng("fwe", tokens, depth, seed)
     vocab = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(4, 6))) for _ in range(200)]
     weights = [1.0 / (k + 1) ** 2 for k in range(len(vocab))]
-    per_word = len(tokenizer.encode(" ".join(vocab[:50]), add_special_tokens=False)) / 50
-    count = max(10, round(tokens / per_word))
-    words = rng.choices(vocab, weights=weights, k=count)
-    text = " ".join(words)
+    state = rng.getstate()
+    count = max(10, tokens // 2)
+    for _ in range(3):  # the count of words that makes about `tokens` tokens, drawn again (same seed) per guess
+        rng.setstate(state)
+        words = rng.choices(vocab, weights=weights, k=count)
+        text = " ".join(words)
+        n = len(tokenizer.encode(text, add_special_tokens=False))
+        count = max(10, round(count * tokens / n))
     counts = sorted(((words.count(w), w) for w in set(words)), reverse=True)
     top = tuple(w for _, w in counts[:3])
-    n = len(tokenizer.encode(text, add_special_tokens=False))
     return RetrievalCase(text, _question("fwe", question), top[0], n, depth, WORDS_INSTRUCTION, required=top)
 
 

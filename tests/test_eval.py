@@ -134,6 +134,14 @@ def test_styles_from_one_encoding_equal_fresh_runs(pc, monkeypatch, task):
     (["passkey", "--kv-budget", "0"], "kv_budget"),
     (["passkey", "--mode", "bogus"], "--mode"),
     (["--lengths", "600", "longbench"], "longbench must come first"),
+    (["--lengths", "600", "compare"], "compare must come first"),
+    (["compare", "--methods", "parallelcomp,ropey"], "ropey"),
+    (["compare", "--tasks", "passkey,qa"], "qa"),
+    (["compare", "--lengths", "50"], "--lengths"),
+    (["compare", "--depths", "0.5,2"], "--depths"),
+    (["compare", "--self-extend-group", "0"], "self_extend_group"),
+    (["compare", "--resume"], "--resume needs"),
+    (["compare", "--json", "/no/such/folder/x.json"], "does not exist"),
 ])
 def test_cli_bad_input_one_line_exit_2(capsys, args, expect):
     assert main(args) == 2
@@ -220,3 +228,115 @@ def test_replay_budget_reproduces_the_run_at_its_own_budget(tmp_path, capsys, mo
     rows = json.loads(out.read_text())["rows"]
     assert [(r["question"], r["output"]) for r in rows] == [(r["question"], r["cases"][0]["output"]) for r in styles]
     assert "| niah | natural | 900 | 2 | 16 |" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ RULER-style tasks and `compare`
+
+@pytest.mark.parametrize("task", ["passkey", "niah", "multikey", "multivalue", "multiquery", "vartrack", "fwe"])
+@pytest.mark.parametrize("tokens", [500, 3000])
+def test_task_cases_hold_what_they_ask_for(pc, task, tokens):
+    from parallelcomp_triton.tasks import CASES
+
+    case = CASES[task](pc.tokenizer, tokens, depth=0.3, seed=1)
+    required = case.required or (case.answer,)
+    assert abs(case.tokens - tokens) <= 0.05 * tokens + 30, (case.tokens, tokens)
+    for item in required:
+        assert item in case.context
+    assert case.score(" ".join(required)) == 1.0 and case.score("nothing") == 0.0
+    if len(required) > 1:
+        assert case.score(required[0]) == pytest.approx(1 / len(required))
+    again = CASES[task](pc.tokenizer, tokens, depth=0.3, seed=1)
+    assert again.context == case.context and again.question == case.question  # deterministic
+    assert CASES[task](pc.tokenizer, tokens, depth=0.3, seed=2).context != case.context
+
+
+def test_distractors_and_chains_are_what_the_tasks_say(pc):
+    from parallelcomp_triton.tasks import fwe_case, multikey_case, vartrack_case
+
+    mk = multikey_case(pc.tokenizer, 2000, depth=0.2)
+    assert mk.context.count("The special magic number for ") == 4 and mk.answer in mk.context
+    asked = mk.question.split("for ")[1].split(" mentioned")[0]
+    assert f"The special magic number for {asked} is {mk.answer}." in mk.context
+    assert mk.context.index(mk.answer) < 0.35 * len(mk.context)  # the one asked for sits at its depth
+    vt = vartrack_case(pc.tokenizer, 2000, depth=0.4)
+    first, *rest = vt.required
+    value = vt.question.split("value ")[1].split(" ")[0]
+    positions = [vt.context.index(f"VAR {first} = {value}.")]
+    positions += [vt.context.index(f"VAR {b} = VAR {a}.") for a, b in zip(vt.required, rest)]
+    assert positions == sorted(positions)  # each hop after the one it copies
+    words = fwe_case(pc.tokenizer, 2000).context.split()
+    counts = sorted(((words.count(w), w) for w in set(words)), reverse=True)
+    assert tuple(w for _, w in counts[:3]) == fwe_case(pc.tokenizer, 2000).required
+
+
+def test_compare_runs_every_method_on_the_same_cases(tmp_path, capsys, monkeypatch):
+    from _tiny_pipeline import tiny_pc
+
+    from parallelcomp_triton.pipeline import ParallelComp
+
+    seen = {}
+    real_generate = ParallelComp.generate
+
+    def spy(self, context, question, *a, config=None, **k):
+        seen.setdefault(config.mode, []).append((context, question, config.max_new_tokens, config.instruction))
+        return real_generate(self, context, question, *a, config=config, **k)
+
+    monkeypatch.setattr(ParallelComp, "generate", spy)
+    monkeypatch.setattr(ParallelComp, "from_pretrained", classmethod(lambda cls, *a, **k: tiny_pc(layers=2,
+                                                                                                   window=512)))
+    out, png = tmp_path / "cmp.json", tmp_path / "cmp.png"
+    args = ["compare", "--methods", "parallelcomp,streaming,truncate", "--tasks", "passkey,multivalue",
+            "--lengths", "300,900", "--depths", "0.3,0.6", "--reference-length", "200", "--chunk-tokens", "128",
+            "--stream-step", "64", "--backend", "torch", "--json", str(out)]
+    code = main(args + (["--plot", str(png)] if _has_matplotlib() else []))
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    result = json.loads(out.read_text())
+    cells = {(c["method"], c["task"], c["length"]): c for c in result["cells"]}
+    for task in ("passkey", "multivalue"):
+        assert set(result["reference"][task]["cells"]) == {"full", "parallelcomp"}
+        for length in (300, 900):
+            for method in ("parallelcomp", "streaming", "truncate"):
+                c = cells[(method, task, length)]
+                assert c["skipped"] is None and [x["depth"] for x in c["cases"]] == [0.3, 0.6]
+                assert c["accuracy"] == sum(x["score"] for x in c["cases"]) / 2
+    # every method was asked the same questions about the same documents, with the same answer room
+    assert seen["parallelcomp"][-4:] == seen["streaming"][-4:] == seen["truncate"][-4:]
+    assert {x[2] for x in seen["truncate"]} == {32, 64}  # passkey's room, multivalue's
+    assert "| passkey (" in captured.out and "| multivalue | 900 |" in captured.out
+    if _has_matplotlib():
+        assert png.stat().st_size > 1000
+
+    # grown by a second run: the old cells kept, a new method added, skipped by --max-seconds where too slow
+    code = main(["compare", "--methods", "self-extend", "--tasks", "passkey", "--lengths", "300,900", "--depths",
+                 "0.3,0.6", "--reference-length", "200", "--chunk-tokens", "128", "--stream-step", "64",
+                 "--backend", "torch", "--json", str(out), "--resume", "--max-seconds", "1e-6",
+                 "--self-extend-window", "64"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    grown = json.loads(out.read_text())
+    assert grown["grid"]["methods"] == ["parallelcomp", "streaming", "truncate", "self-extend"]
+    old = {(c["method"], c["task"], c["length"]): c for c in grown["cells"]}
+    assert all(old[k] == v for k, v in cells.items())
+    assert old[("self-extend", "passkey", 300)]["accuracy"] is not None
+    assert "quadratic" in old[("self-extend", "passkey", 900)]["skipped"]
+    assert "skipped self-extend passkey 900: estimated" in captured.out
+
+
+def test_compare_resume_refuses_other_settings(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "cmp.json"
+    out.write_text(json.dumps({"model": "tiny", "dtype": "float32", "grid": {}, "cells": [], "config": {}}))
+    from _tiny_pipeline import tiny_pc
+
+    from parallelcomp_triton.pipeline import ParallelComp
+
+    monkeypatch.setattr(ParallelComp, "from_pretrained", classmethod(lambda cls, *a, **k: tiny_pc(layers=2)))
+    assert main(["compare", "--json", str(out), "--resume", "--lengths", "300"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--resume" in err[0]
+
+
+def _has_matplotlib() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
