@@ -45,6 +45,7 @@ class Grid:
     reference_length: int = 4000
     max_seconds: float | None = None
     seed: int = 0
+    max_new_tokens: int | None = None  # None: each task's own (room for all it asks for)
 
     def check(self) -> None:
         for name, values, known in (("methods", self.methods, MODES), ("tasks", self.tasks, CASES)):
@@ -56,6 +57,8 @@ class Grid:
             raise ParallelCompError("--lengths and --reference-length must be >= 100 tokens")
         if not self.depths or not all(0 <= d <= 1 for d in self.depths):
             raise ParallelCompError("--depths must be in [0, 1]")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ParallelCompError(f"--max-new-tokens {self.max_new_tokens}: must be >= 1")
 
 
 def compare(pc, grid: Grid, config: ParallelCompConfig, log=None, save=None, previous: dict | None = None) -> dict:
@@ -90,7 +93,7 @@ def compare(pc, grid: Grid, config: ParallelCompConfig, log=None, save=None, pre
                 case = cases.setdefault((task, length, depth), CASES[task](pc.tokenizer, length, depth=depth,
                                                                             seed=grid.seed, question=grid.question))
                 cfg = dataclasses.replace(config, mode=method, instruction=config.instruction or case.instruction,
-                                          max_new_tokens=case.max_new_tokens)
+                                          max_new_tokens=grid.max_new_tokens or case.max_new_tokens)
                 t = time.perf_counter()
                 try:
                     text = pc.generate(case.context, case.question, config=cfg).text
@@ -140,7 +143,7 @@ def _check_same_cases(previous: dict, result: dict) -> None:
         if previous.get(name) != result[name]:
             raise ParallelCompError(f"--resume: the earlier result has {name} {previous.get(name)!r}, this run "
                                     f"{result[name]!r}")
-    for name in ("depths", "question", "seed", "reference_length"):
+    for name in ("depths", "question", "seed", "reference_length", "max_new_tokens"):
         if previous["grid"].get(name) != result["grid"][name]:
             raise ParallelCompError(f"--resume: the earlier result has {name} {previous['grid'].get(name)!r}, "
                                     f"this run {result['grid'][name]!r}")
@@ -199,7 +202,7 @@ def format_table(result: dict) -> str:
             for m in methods:
                 c = by_key.get((task, m, length))
                 if c is None:
-                    cells.append("")
+                    cells.append("not run")
                 elif c["skipped"]:
                     cells.append("skipped")
                 else:

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from . import answer
+from .alternatives import ALTERNATIVE_MODES
 from .cache import ChunkCache
 from .encode import ChunkSource, progress_bar, write_chunks
 from .errors import ParallelCompError
@@ -136,6 +137,9 @@ def generate_distributed(pc: ParallelComp, ctx: DistContext, pairs, max_new_toke
     with the same arguments. Rank 0 gets the results; the other ranks get a list of the same length with
     None for answered pairs (and the ParallelCompError of bad pairs when `return_errors`)."""
     cfg = pc.resolve_config(config, max_new_tokens)
+    if cfg.mode in ALTERNATIVE_MODES:  # one attention over the whole prompt: nothing to share out
+        raise ParallelCompError(f"--distributed spreads chunks over ranks; mode {cfg.mode!r} has none (use "
+                                "parallelcomp, full or truncate)")
     planned = pc.plan_all(pairs, cfg, return_errors)
     plans = [p for p in planned if isinstance(p, Plan)]
     if not plans:

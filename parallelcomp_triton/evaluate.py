@@ -194,8 +194,9 @@ def build_compare_parser() -> Parser:
     p.add_argument("--max-seconds", type=float, default=None,
                    help="skip cells estimated to take longer per question (from the method at a shorter length)")
     add_model_options(p)
-    add_settings_options(p, omit=("mode", "max_new_tokens"), seed=0,
-                         helps={"seed": "seed of the generated documents (and of sampling)"})
+    add_settings_options(p, omit=("mode",), seed=0, max_new_tokens=None,
+                         helps={"seed": "seed of the generated documents (and of sampling)",
+                                "max_new_tokens": "default: each task's (room for all it asks for)"})
     p.add_argument("--json", default=None, help="write the result here (rewritten after every cell)")
     p.add_argument("--resume", action="store_true",
                    help="keep the cells already in --json (same model, cases and settings) and add this grid's")
@@ -221,11 +222,12 @@ def _main_compare(args) -> int:
                             tasks=[t for t in args.tasks.split(",") if t],
                             lengths=[int(x) for x in args.lengths.split(",") if x],
                             depths=[float(x) for x in args.depths.split(",") if x], question=args.question_style,
-                            reference_length=args.reference_length, max_seconds=args.max_seconds, seed=args.seed)
+                            reference_length=args.reference_length, max_seconds=args.max_seconds, seed=args.seed,
+                            max_new_tokens=args.max_new_tokens)
     except ValueError:
         raise ParallelCompError("--lengths and --depths take comma-separated numbers") from None
     grid.check()
-    cfg = config_from_args(args)
+    cfg = config_from_args(args, max_new_tokens=ParallelCompConfig.max_new_tokens)  # the grid's, per case
     for path in (args.json, args.plot):
         if path:
             check_writable(path)

@@ -193,3 +193,10 @@ def test_stream_gives_the_answer_in_one_piece(pc):
     pieces = list(stream)
     assert "".join(pieces) == stream.result.text == pc.generate(doc, question, config=config(
         "self-extend", self_extend_window=16)).text
+
+
+def test_distributed_refuses_the_alternatives(pc):
+    from parallelcomp_triton.distributed import generate_distributed
+
+    raises_one_line(lambda: generate_distributed(pc, None, [("some text", "q?")], config=config("yarn")),
+                    "--distributed", "yarn")

@@ -117,10 +117,11 @@ def _front_end_parsers():
             "evaluate": (evaluate.build_parser, ["passkey"], ("instruction",)),
             "longbench": (evaluate.build_longbench_parser, ["--data", "x.jsonl"], ("instruction",)),
             "inspect_attention": (inspect_attention.build_parser,
-                                  ["--input", "d.txt", "--question", "q", "--out", "a.png"], ("mode",))}
+                                  ["--input", "d.txt", "--question", "q", "--out", "a.png"], ("mode",)),
+            "compare": (evaluate.build_compare_parser, [], ("mode",))}
 
 
-@pytest.mark.parametrize("front_end", ["run", "evaluate", "longbench", "inspect_attention"])
+@pytest.mark.parametrize("front_end", ["run", "evaluate", "longbench", "inspect_attention", "compare"])
 def test_every_front_end_takes_the_shared_settings(front_end):
     """The settings options are declared once (cli.add_settings_options) and reach the config alike."""
     from parallelcomp_triton.cli import settings_options
@@ -146,7 +147,7 @@ def test_every_front_end_takes_the_shared_settings(front_end):
     assert cfg.instruction == ("" if "instruction" in own else "Read.")
 
 
-@pytest.mark.parametrize("front_end", ["run", "evaluate", "longbench", "inspect_attention"])
+@pytest.mark.parametrize("front_end", ["run", "evaluate", "longbench", "inspect_attention", "compare"])
 @pytest.mark.parametrize("flags,expect", [
     (["--kv-budget", "0"], "kv_budget"),
     (["--calibrate", "sink:9-2"], "calibration layers"),
@@ -160,7 +161,7 @@ def test_every_front_end_refuses_bad_settings_in_one_line(tmp_path, capsys, monk
     (tmp_path / "d.txt").write_text("The pass key is 4242. " * 20)
     (tmp_path / "x.jsonl").write_text('{"context": "c", "input": "q", "answers": ["a"], "dataset": "hotpotqa"}\n')
     main_of = {"run": run.main, "evaluate": evaluate.main, "longbench": lambda a: evaluate.main(["longbench", *a]),
-               "inspect_attention": inspect_attention.main}
+               "inspect_attention": inspect_attention.main, "compare": lambda a: evaluate.main(["compare", *a])}
     if front_end == "inspect_attention":
         pytest.importorskip("matplotlib")
     assert main_of[front_end]([*_front_end_parsers()[front_end][1], *flags]) == 2
@@ -181,6 +182,8 @@ JSON_STATS_KEYS = {
     ([], set()),
     (["--calibrate", "all:0-1:0.01"], {"calibration_masked_per_head"}),
     (["--question", "And the sky?"], {"encoding"}),  # two questions: answered from one encoding
+    (["--mode", "streaming", "--stream-step", "64"], set()),  # the alternatives report the same keys
+    (["--mode", "self-extend", "--self-extend-window", "32"], set()),
 ])
 def test_json_prints_the_stats_keys(doc, capsys, monkeypatch, flags, extra):
     from _tiny_pipeline import tiny_pc
