@@ -24,6 +24,7 @@ import time
 
 from .config import MODES, ParallelCompConfig
 from .errors import ParallelCompError
+from .evaluate import needle_chunk
 from .tasks import CASES
 
 # Methods that attend over the whole prompt: their cost grows with the square of its length.
@@ -96,15 +97,22 @@ def compare(pc, grid: Grid, config: ParallelCompConfig, log=None, save=None, pre
                                           max_new_tokens=grid.max_new_tokens or case.max_new_tokens)
                 t = time.perf_counter()
                 try:
-                    text = pc.generate(case.context, case.question, config=cfg).text
+                    res = pc.generate(case.context, case.question, config=cfg)
                 except ParallelCompError as e:  # the mode refuses this case (a setting that cannot fit): said
                     out["skipped"] = f"refused: {e}"
                     break
                 seconds = time.perf_counter() - t
+                text = res.text
                 score = case.score(text)
-                out["cases"].append({"depth": depth, "tokens": case.tokens, "required": list(case.required or
-                                                                                              (case.answer,)),
-                                     "output": text, "score": score, "seconds": round(seconds, 2)})
+                required = list(case.required or (case.answer,))
+                row = {"depth": depth, "tokens": case.tokens, "required": required, "output": text, "score": score,
+                       "seconds": round(seconds, 2)}
+                if method == "parallelcomp":  # a miss: was an item's chunk evicted, or read wrong?
+                    spans, kept = res.stats.chunk_spans, set(res.stats.kept_chunks)
+                    held = [needle_chunk(pc.tokenizer, case, spans, r) for r in required]
+                    row.update(chunks=len(spans), kept_chunks=sorted(kept),
+                               required_chunks=held, required_kept=sum(c in kept for c in held if c is not None))
+                out["cases"].append(row)
                 if log:
                     log(f"{task:>10} {length:>7} {method:>12} depth {depth:.2f}: {score:4.2f} "
                         f"{text.strip()[:50]!r} ({seconds:.1f} s)")

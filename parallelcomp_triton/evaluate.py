@@ -28,9 +28,10 @@ from .tasks import niah_case, passkey_case
 TASKS = {"passkey": passkey_case, "niah": niah_case}
 
 
-def needle_chunk(tokenizer, case, spans) -> int | None:
-    """Index of the chunk whose token span holds the first token of the answer (None: one chunk or not found)."""
-    at = case.context.find(case.answer)
+def needle_chunk(tokenizer, case, spans, answer: str | None = None) -> int | None:
+    """Index of the chunk whose token span holds the first token of the answer (or of `answer`, another
+    string the case requires; None: one chunk or not found)."""
+    at = case.context.find(answer or case.answer)
     if at < 0 or len(spans) < 2:
         return None
     tok = len(tokenizer.encode(case.context[:at], add_special_tokens=False))

@@ -300,6 +300,11 @@ def test_compare_runs_every_method_on_the_same_cases(tmp_path, capsys, monkeypat
                 c = cells[(method, task, length)]
                 assert c["skipped"] is None and [x["depth"] for x in c["cases"]] == [0.3, 0.6]
                 assert c["accuracy"] == sum(x["score"] for x in c["cases"]) / 2
+                if method == "parallelcomp":  # where each required item's chunk went
+                    for x in c["cases"]:
+                        assert len(x["required_chunks"]) == len(x["required"]) and len(x["kept_chunks"]) <= 3
+                        assert x["required_kept"] == sum(r in x["kept_chunks"] for r in x["required_chunks"])
+                        assert x["chunks"] > 1 or length == 300
     # every method was asked the same questions about the same documents, with the same answer room
     assert seen["parallelcomp"][-4:] == seen["streaming"][-4:] == seen["truncate"][-4:]
     assert {x[2] for x in seen["truncate"]} == {32, 64}  # passkey's room, multivalue's
