@@ -156,14 +156,20 @@ def _depths(rng: random.Random, depth: float, count: int) -> list[float]:
     return [depth] + [rng.random() for _ in range(count - 1)]
 
 
-def multikey_case(tokenizer, tokens: int, depth: float = 0.5, seed: int = 0, question: str = "cue") -> RetrievalCase:
-    """NIAH with distractors: needles of the same form with other keys; the one asked for sits at `depth`."""
-    rng = _rng("multikey", tokens, depth, seed)
+def _city_needles(tokenizer, task: str, tokens: int, depth: float, seed: int):
+    """Needles 'The special magic number for CITY is N.' with distinct cities, the first at `depth`:
+    (cities, numbers, text, tokens)."""
+    rng = _rng(task, tokens, depth, seed)
     keys = rng.sample(CITIES, NEEDLES_PER_CASE)
     values = [str(rng.randint(1000000, 9999999)) for _ in keys]
     needles = [(d, f"The special magic number for {k} is {v}.")
                for d, k, v in zip(_depths(rng, depth, len(keys)), keys, values)]
-    text, n = _in_essays(tokenizer, rng, tokens, needles)
+    return (keys, values, *_in_essays(tokenizer, rng, tokens, needles))
+
+
+def multikey_case(tokenizer, tokens: int, depth: float = 0.5, seed: int = 0, question: str = "cue") -> RetrievalCase:
+    """NIAH with distractors: needles of the same form with other keys; the one asked for sits at `depth`."""
+    keys, values, text, n = _city_needles(tokenizer, "multikey", tokens, depth, seed)
     return RetrievalCase(text, _question("multikey", question, key=keys[0]), values[0], n, depth,
                          MULTI_INSTRUCTION)
 
@@ -182,12 +188,7 @@ def multivalue_case(tokenizer, tokens: int, depth: float = 0.5, seed: int = 0, q
 
 def multiquery_case(tokenizer, tokens: int, depth: float = 0.5, seed: int = 0, question: str = "cue") -> RetrievalCase:
     """Several needles with different keys, all asked for at once (the first at `depth`)."""
-    rng = _rng("multiquery", tokens, depth, seed)
-    keys = rng.sample(CITIES, NEEDLES_PER_CASE)
-    values = [str(rng.randint(1000000, 9999999)) for _ in keys]
-    needles = [(d, f"The special magic number for {k} is {v}.")
-               for d, k, v in zip(_depths(rng, depth, len(keys)), keys, values)]
-    text, n = _in_essays(tokenizer, rng, tokens, needles)
+    keys, values, text, n = _city_needles(tokenizer, "multiquery", tokens, depth, seed)
     return RetrievalCase(text, _question("multiquery", question, keys=_join(keys)), values[0], n, depth,
                          MULTI_INSTRUCTION, required=tuple(values), max_new_tokens=64)
 
