@@ -24,7 +24,7 @@ import time
 
 from .config import MODES, ParallelCompConfig
 from .errors import ParallelCompError
-from .evaluate import needle_chunk
+from .evaluate import needle_chunk, nll_rank
 from .tasks import CASES
 
 # Methods that attend over the whole prompt: their cost grows with the square of its length.
@@ -110,8 +110,10 @@ def compare(pc, grid: Grid, config: ParallelCompConfig, log=None, save=None, pre
                 if method == "parallelcomp":  # a miss: was an item's chunk evicted, or read wrong?
                     spans, kept = res.stats.chunk_spans, set(res.stats.kept_chunks)
                     held = [needle_chunk(pc.tokenizer, case, spans, r) for r in required]
+                    # NLL ranks (1: best) do not depend on K: a run at one K tells what any other K keeps
                     row.update(chunks=len(spans), kept_chunks=sorted(kept),
-                               required_chunks=held, required_kept=sum(c in kept for c in held if c is not None))
+                               required_chunks=held, required_kept=sum(c in kept for c in held if c is not None),
+                               required_ranks=[nll_rank(res.stats.chunk_nll_all, c) for c in held])
                 out["cases"].append(row)
                 if log:
                     log(f"{task:>10} {length:>7} {method:>12} depth {depth:.2f}: {score:4.2f} "

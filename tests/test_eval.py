@@ -304,6 +304,7 @@ def test_compare_runs_every_method_on_the_same_cases(tmp_path, capsys, monkeypat
                     for x in c["cases"]:
                         assert len(x["required_chunks"]) == len(x["required"]) and len(x["kept_chunks"]) <= 3
                         assert x["required_kept"] == sum(r in x["kept_chunks"] for r in x["required_chunks"])
+                        assert x["required_kept"] == sum(r is not None and r <= 3 for r in x["required_ranks"])
                         assert x["chunks"] > 1 or length == 300
     # every method was asked the same questions about the same documents, with the same answer room
     assert seen["parallelcomp"][-4:] == seen["streaming"][-4:] == seen["truncate"][-4:]
