@@ -236,12 +236,17 @@ def plot(result: dict, path: str) -> None:
     cols = min(4, len(tasks))
     rows = -(-len(tasks) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False, sharey=True)
+    lengths = sorted(result["grid"]["lengths"])
+    styles = ["o-", "s--", "^-.", "v:", "D-", "P--", "X-."]
     for ax, task in zip(axes.flat, tasks):
-        for m in methods:
+        for i, m in enumerate(methods):
             points = sorted((c["length"], 100 * c["accuracy"]) for c in result["cells"]
-                            if c["task"] == task and c["method"] == m and c["accuracy"] is not None)
+                            if c["task"] == task and c["method"] == m and c["accuracy"] is not None
+                            and c["length"] in lengths)
             if points:
-                ax.plot(*zip(*points), marker="o", label=m)
+                # a small sideways shift per method, so that equal scores stay visible
+                xs = [n * (1 + 0.04 * (i - (len(methods) - 1) / 2)) for n, _ in points]
+                ax.plot(xs, [a for _, a in points], styles[i % len(styles)], label=m, alpha=0.85)
         ref = result["reference"].get(task)
         title = task
         if ref:
@@ -249,6 +254,8 @@ def plot(result: dict, path: str) -> None:
             title += "" if ref["within_reach"] else " (beyond the model)"
         ax.set_title(title)
         ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [f"{n / 1000:g}K" for n in lengths])
+        ax.minorticks_off()
         ax.set_ylim(-5, 105)
         ax.set_xlabel("document tokens")
     for ax in list(axes.flat)[len(tasks):]:
