@@ -96,6 +96,11 @@ class _Runner:
                      for _ in range(a.num_layers)]
         self.values = [torch.empty_like(k) for k in self.keys]
         self.length = 0  # cached tokens (cache slots in use)
+        self.tables = None  # what attend rotates with in this forward, made once for all layers
+
+    def tables_for(self, positions: torch.Tensor):
+        """The rotary tables a forward of tokens at `positions` needs (None: the mode keeps its own)."""
+        return None
 
     def rope(self, positions: torch.Tensor, args=None):
         return self.model.rope(positions, self.dtype, args)
@@ -109,6 +114,7 @@ class _Runner:
                     torch.zeros(n, d, dtype=self.dtype, device=self.device))
         zeros = torch.zeros(n, dtype=torch.long, device=self.device)
         last = torch.tensor([n - 1], device=self.device)
+        self.tables = self.tables_for(torch.arange(self.length, self.length + n, device=self.device))
         hidden = self.model(ids, zeros, self.attend, out_rows=last, rotary=identity)
         self.length += n
         return self.model.lm_head_rows(hidden)
@@ -150,9 +156,12 @@ class RopeScaled(_Runner):
             self.args = dataclasses.replace(a, rope_theta=base)
         self.factor = max(factor, 1.0)
 
+    def tables_for(self, positions):
+        return self.rope(positions, self.args)
+
     def attend(self, layer, q, k, v):
         n = q.shape[0]
-        cos, sin = self.rope(torch.arange(self.length, self.length + n, device=self.device), self.args)
+        cos, sin = self.tables
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         self.store(layer, k, v)
         end = self.length + n
@@ -198,12 +207,13 @@ class SelfExtend(_Runner):
     def cache_bytes(self) -> int:
         return super().cache_bytes() + sum(t[:self.length].numel() * t.element_size() for t in self.grouped)
 
+    def tables_for(self, positions):
+        g, near = self.group, self.near
+        return self.rope(positions), self.rope(positions // g), self.rope(positions // g + near - near // g)
+
     def attend(self, layer, q, k, v):
-        n, g, near = q.shape[0], self.group, self.near
-        pos = torch.arange(self.length, self.length + n, device=self.device)
-        cos, sin = self.rope(pos)
-        cos_g, sin_g = self.rope(pos // g)
-        cos_q, sin_q = self.rope(pos // g + near - near // g)
+        n, g = q.shape[0], self.group
+        (cos, sin), (cos_g, sin_g), (cos_q, sin_q) = self.tables
         self.store(layer, apply_rope(k, cos, sin), v)
         q_near = apply_rope(q, cos, sin)
         if g == 1:  # every position is its own group: plain causal attention
