@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .answer import cut_at_stop, peak_memory_bytes, stop_check
 from .errors import ParallelCompError
 from .generation import sample_next
-from .model import apply_rope
+from .model import apply_rope, dynamic_ntk_base
 from .stats import GenerationResult
 from .transfer import to_device
 
@@ -82,6 +82,17 @@ def attend_sdpa(q, k, v, causal: bool = False, mask=None, scale: float | None = 
                                          v.transpose(0, 1)[None], attn_mask=mask, is_causal=causal,
                                          scale=scale, enable_gqa=True)
     return out[0].transpose(0, 1)
+
+
+def attend_after(q, keys, values, start: int) -> torch.Tensor:
+    """Causal attention of q's rows (positions start, start + 1, ...) over keys/values [0, start + n)."""
+    n, end = q.shape[0], keys.shape[0]
+    if start == 0:
+        return attend_sdpa(q, keys, values, causal=True)
+    if n == 1:
+        return attend_sdpa(q, keys, values)
+    i = torch.arange(start, end, device=q.device)[:, None]
+    return attend_sdpa(q, keys, values, mask=torch.arange(end, device=q.device)[None] <= i)
 
 
 class _Runner:
@@ -151,10 +162,8 @@ class RopeScaled(_Runner):
         elif factor > 1 and cfg.mode == "dynamic-ntk":
             # transformers' dynamic NTK at the question's whole length, computed once: every token of the
             # question rotates with the same base (transformers recomputes it as the sequence grows).
-            dim = a.head_dim
-            base = a.rope_theta * ((factor * capacity / window) - (factor - 1)) ** (dim / (dim - 2))
+            base = dynamic_ntk_base(a.rope_theta, a.head_dim, factor, capacity, window)
             self.args = dataclasses.replace(a, rope_theta=base)
-        self.factor = max(factor, 1.0)
 
     def tables_for(self, positions):
         return self.rope(positions, self.args)
@@ -165,13 +174,7 @@ class RopeScaled(_Runner):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         self.store(layer, k, v)
         end = self.length + n
-        if self.length == 0:
-            return attend_sdpa(q, k, v, causal=True)
-        if n == 1:
-            return attend_sdpa(q, self.keys[layer][:end], self.values[layer][:end])
-        i = torch.arange(self.length, end, device=self.device)[:, None]
-        return attend_sdpa(q, self.keys[layer][:end], self.values[layer][:end],
-                           mask=torch.arange(end, device=self.device)[None] <= i)
+        return attend_after(q, self.keys[layer][:end], self.values[layer][:end], self.length)
 
 
 def self_extend_group(cfg, window: int, capacity: int) -> int:
@@ -217,8 +220,8 @@ class SelfExtend(_Runner):
         self.store(layer, apply_rope(k, cos, sin), v)
         q_near = apply_rope(q, cos, sin)
         if g == 1:  # every position is its own group: plain causal attention
-            return attend_sdpa(q_near, self.keys[layer][:self.length + n], self.values[layer][:self.length + n],
-                               causal=self.length == 0)
+            end = self.length + n
+            return attend_after(q_near, self.keys[layer][:end], self.values[layer][:end], self.length)
         self.grouped[layer][self.length:self.length + n] = apply_rope(k, cos_g, sin_g)
         q_far = apply_rope(q, cos_q, sin_q)
         scale = 1.0 / math.sqrt(q.shape[-1])
@@ -284,15 +287,12 @@ class Streaming(_Runner):
         self.evicted += drop
 
     def attend(self, layer, q, k, v):
-        n, end = q.shape[0], self.length + q.shape[0]
+        end = self.length + q.shape[0]
         self.store(layer, k, v)
         cos, sin = self.cos[:end], self.sin[:end]
         keys = apply_rope(self.keys[layer][:end], cos, sin)
         q = apply_rope(q, cos[self.length:end], sin[self.length:end])
-        if n == 1:
-            return attend_sdpa(q, keys, self.values[layer][:end])
-        i = torch.arange(self.length, end, device=self.device)[:, None]
-        return attend_sdpa(q, keys, self.values[layer][:end], mask=torch.arange(end, device=self.device)[None] <= i)
+        return attend_after(q, keys, self.values[layer][:end], self.length)
 
 
 ATTENTIONS = {"yarn": RopeScaled, "dynamic-ntk": RopeScaled, "self-extend": SelfExtend, "streaming": Streaming}

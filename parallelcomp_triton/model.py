@@ -180,10 +180,8 @@ def rope_inv_freq(args: ModelArgs, seq_len: int | None = None) -> torch.Tensor:
     if rope_type == "linear":
         return inv_freq / float(scaling["factor"])
     if rope_type == "dynamic":
-        # NTK-aware: past max_position_embeddings the base grows with the length the forward covers.
-        factor, trained = float(scaling["factor"]), args.max_position_embeddings
-        length = max(seq_len or trained, trained)
-        base = args.rope_theta * ((factor * length / trained) - (factor - 1)) ** (dim / (dim - 2))
+        trained = args.max_position_embeddings
+        base = dynamic_ntk_base(args.rope_theta, dim, float(scaling["factor"]), seq_len or trained, trained)
         return 1.0 / (base ** exponents)
     if rope_type == "yarn":
         return _yarn_inv_freq(args, inv_freq)
@@ -198,6 +196,13 @@ def rope_inv_freq(args: ModelArgs, seq_len: int | None = None) -> torch.Tensor:
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     is_medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
     return torch.where(is_medium, smoothed, scaled)
+
+
+def dynamic_ntk_base(theta: float, dim: int, factor: float, length: int, trained: int) -> float:
+    """Dynamic NTK's rope base for a forward covering `length` positions: past the trained window the base
+    grows with the length (transformers' formula); within it, `theta` unchanged."""
+    length = max(length, trained)
+    return theta * ((factor * length / trained) - (factor - 1)) ** (dim / (dim - 2))
 
 
 def _yarn_factor(args: ModelArgs) -> float:
