@@ -200,3 +200,17 @@ def test_distributed_refuses_the_alternatives(pc):
 
     raises_one_line(lambda: generate_distributed(pc, None, [("some text", "q?")], config=config("yarn")),
                     "--distributed", "yarn")
+
+
+def test_streaming_in_steps_within_the_window_equals_one_full_forward(pc):
+    """Nothing evicted: reading the prompt 16 tokens per forward (each step's queries over the cache and
+    themselves, masked) gives the logits of one causal forward over all of it, and so does each decode step."""
+    ids = torch.randint(0, pc.model.args.vocab_size, (70,), generator=torch.Generator().manual_seed(5))
+    stepped = _runner(pc, "streaming", 80, stream_step=16)
+    whole = _runner(pc, "yarn", 80)  # no scaling inside the window: plain full attention
+    with torch.no_grad():
+        torch.testing.assert_close(stepped.forward(ids), whole.forward(ids), atol=1e-4, rtol=1e-4)
+        for token in (3, 9):
+            nxt = torch.tensor([token])
+            torch.testing.assert_close(stepped.forward(nxt), whole.forward(nxt), atol=1e-4, rtol=1e-4)
+    assert stepped.evicted == 0
