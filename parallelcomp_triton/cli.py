@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 
-from .config import DTYPE_CHOICES, MODES, SCORE_TOKENS, TEMPLATES, Calibration, ParallelCompConfig
+from .config import DTYPE_CHOICES, KV_STORES, MODES, SCORE_TOKENS, TEMPLATES, Calibration, ParallelCompConfig
 from .errors import ParallelCompError
 
 BACKENDS = ("auto", "torch", "triton")
@@ -56,6 +56,9 @@ def settings_options() -> dict[str, dict]:
         "batch_tokens": dict(type=int, default=d.batch_tokens,
                              help="tokens per prefill forward, batches grow to fit (default: 16384 on CUDA, "
                                   "0 on a CPU)"),
+        "kv_store": dict(choices=KV_STORES, default=d.kv_store,
+                         help="how encodings keep their chunks' K/V: exact (the model's dtype, default) or int8 "
+                              "(one byte per value, about half the size)"),
         "keep_chunks": dict(type=int, default=d.keep_chunks, help="K: chunks kept after eviction"),
         "score_tokens": dict(choices=SCORE_TOKENS, default=d.score_tokens,
                              help="chunk NLL over the whole question suffix or the question's own tokens"),

@@ -12,6 +12,7 @@ from .errors import ParallelCompError
 MODES = ("parallelcomp", "full", "truncate", "yarn", "dynamic-ntk", "self-extend", "streaming")
 REGIONS = ("sink", "recent", "middle", "all")
 GQA_REDUCES = ("max", "mean", "sum")
+KV_STORES = ("exact", "int8")
 SCORE_TOKENS = ("suffix", "question")
 # auto: the chat template when the tokenizer has one, plain otherwise (prompt.template_name).
 TEMPLATES = ("auto", "plain", "chat")
@@ -85,6 +86,10 @@ class ParallelCompConfig:
     # launches), 0 on a CPU, where larger batches measured no faster (BENCHMARKS.md, "Many questions about
     # one document").
     batch_tokens: int | None = None
+    # How an encoding (`encode`, the server's store) keeps its chunks' K/V: "exact", the model's dtype, so that
+    # answers from it equal a fresh run's; "int8", one byte per value (per-channel key, per-token value
+    # scales) at about half the size (BENCHMARKS.md, "One byte per stored value").
+    kv_store: str = "exact"
     # Chunk eviction: keep the K chunks with the lowest question NLL.
     keep_chunks: int = 3
     # Which suffix tokens the NLL averages: "question" = the question's own tokens; "suffix" = all of them
@@ -154,6 +159,8 @@ class ParallelCompConfig:
             raise ParallelCompError(f"pool_kernel = {self.pool_kernel}: must be odd and >= 1")
         if self.gqa_reduce not in GQA_REDUCES:
             raise ParallelCompError(f"gqa_reduce {self.gqa_reduce!r}: expected one of {', '.join(GQA_REDUCES)}")
+        if self.kv_store not in KV_STORES:
+            raise ParallelCompError(f"kv_store {self.kv_store!r}: expected one of {', '.join(KV_STORES)}")
         if self.score_tokens not in SCORE_TOKENS:
             raise ParallelCompError(f"score_tokens {self.score_tokens!r}: expected one of {', '.join(SCORE_TOKENS)}")
         if self.temperature < 0 or not 0 < self.top_p <= 1:

@@ -236,7 +236,7 @@ def encode_distributed(pc: ParallelComp, ctx: DistContext, context: str, path, c
     gets the encoding, read back and checked."""
     prefix, document, spans, settings = pc.plan_encoding(context, config)
     share = chunk_shares(len(spans), ctx.world_size)[ctx.rank]
-    made = on_every_rank(ctx, lambda: AtomicDir(path) if ctx.rank == 0 else None)
+    made = on_every_rank(ctx, lambda: AtomicDir(path, settings["kv_store"]) if ctx.rank == 0 else None)
     tmp = ctx.broadcast(str(made.tmp) if made is not None else None)
 
     def join() -> AtomicDir:
@@ -245,7 +245,7 @@ def encode_distributed(pc: ParallelComp, ctx: DistContext, context: str, path, c
         if not os.path.isdir(tmp):
             raise ParallelCompError(f"--save-encoding {path}: rank 0's directory {tmp} is not visible here; under "
                                     "--distributed the encoding must be on a disk every rank shares")
-        return AtomicDir.join(path, tmp)
+        return AtomicDir.join(path, tmp, settings["kv_store"])
 
     def write(writer: AtomicDir) -> None:
         bar = progress_bar(len(share), "encoding", progress)

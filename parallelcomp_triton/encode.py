@@ -180,7 +180,7 @@ def write_encoding(model, tokenizer, model_source: str, prefix: list[int], docum
     meta = encoding_meta(model, tokenizer, model_source, prefix, document, spans, settings)
     owned = path is None
     final = Path(tempfile.mkdtemp(prefix="parallelcomp-encoding-")) / "encoding" if owned else Path(path)
-    writer = AtomicDir(final)
+    writer = AtomicDir(final, settings.get("kv_store", "exact"))
     bar = progress_bar(len(spans), "encoding", progress)
     try:
         write_chunks(writer, model, ChunkSource(prefix, document, tuple(spans)), settings["batch_chunks"],

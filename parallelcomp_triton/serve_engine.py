@@ -115,14 +115,27 @@ def one_pass_at_a_time(model) -> None:
         setattr(model, name, locked)
 
 
+def store_fingerprint(pc, cfg) -> str:
+    """What a stored document's encoding depends on besides its text (hashed into its id): the model, dtype,
+    chunking and prompt settings, prefill batches, device, and how its K/V are kept."""
+    from .storage import encoding_settings, model_identity
+
+    settings = encoding_settings(cfg, pc.args.max_position_embeddings)
+    if settings["kv_store"] == "exact":  # as before the setting existed: documents stored then keep their ids
+        del settings["kv_store"]
+    return json.dumps({
+        "model": model_identity(pc.model, pc.tokenizer), "dtype": str(pc.model.embed_tokens.weight.dtype),
+        "settings": settings,
+        "batch_chunks": cfg.batch_chunks, "batch_tokens": cfg.batch_tokens, "device": pc.device.type,
+    }, sort_keys=True, default=str)
+
+
 class Engine:
     """The model, the store and the two threads that use them (see the module's docstring)."""
 
     def __init__(self, pc, cfg, store: DocStore, queue_size: int = 64, max_batch: int = 8,
                  max_document_tokens: int = 262144, model_id: str = "model"):
         from . import ParallelComp
-        from .storage import encoding_settings, model_identity
-
         self.pc, self.cfg, self.store, self.model_id = pc, cfg, store, model_id
         one_pass_at_a_time(pc.model)
         self.max_batch, self.max_document_tokens = max_batch, max_document_tokens
@@ -130,11 +143,7 @@ class Engine:
         # the weights are shared, read-only.
         self.encoder = ParallelComp(pc.model, copy.deepcopy(pc.tokenizer), pc.source, pc.dtype_source)
         self.questions, self.encodes = JobQueue(queue_size), JobQueue(queue_size)
-        self.fingerprint = json.dumps({
-            "model": model_identity(pc.model, pc.tokenizer), "dtype": str(pc.model.embed_tokens.weight.dtype),
-            "settings": encoding_settings(cfg, pc.args.max_position_embeddings),
-            "batch_chunks": cfg.batch_chunks, "batch_tokens": cfg.batch_tokens, "device": pc.device.type,
-        }, sort_keys=True, default=str)
+        self.fingerprint = store_fingerprint(pc, cfg)
         self.loaded: dict[str, object] = {}  # id -> EncodedDocument (read and checked once)
         self.loaded_lock = threading.Lock()
         self.counts = collections.Counter()

@@ -9,6 +9,11 @@ An encoding is a directory:
     chunk_00012.safetensors    k.{layer}, v.{layer} [H_kv, n, d] of chunk 12, and `hidden` [hidden size]:
                                the final hidden state of its last token (it predicts the question's first token)
 
+The chunks' K/V are kept as the model computed them (kv_store "exact": answers equal a fresh run's) or at one
+byte per value (kv_store "int8", about half the size): symmetric int8 with a float32 scale per channel for
+keys (k_scale.{layer} [H_kv, 1, d]: keys carry outlier channels) and per token for values (v_scale.{layer}
+[H_kv, n, 1]), turned back into the model's dtype when read. The prefix and `hidden` are always exact.
+
 It is written into a sibling temporary directory, every file fsynced, meta.json last, then renamed into
 place, so a directory that is there is complete; one without meta.json is refused. meta.json lists every
 file with its size and the crc32 of its bytes as written (`files`: {name: {"bytes", "crc32"}}). Loading
@@ -31,12 +36,14 @@ from pathlib import Path
 import torch
 
 from .cache import ChunkKV
+from .config import KV_STORES
 from .errors import ParallelCompError
 from .read_ahead import CHECKSUMS, Crc32, file_checksum, file_identity
 
 FORMAT = "parallelcomp-encoding"
 VERSION = 2  # 2: files carry checksums
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int8: "I8"}
 # The config fields an encoding depends on besides the model: how the document is cut, then the prompt
 # prefix. An answer must chunk as its encoding did; EncodedDocument.config takes all of them.
 CHUNKING_SETTINGS = ("chunk_tokens", "snap_to_sentences", "window")
@@ -47,7 +54,22 @@ def encoding_settings(cfg, trained_window: int) -> dict:
     """The settings an encoding made under `cfg` records (the window resolved to the model's)."""
     settings = {"mode": cfg.mode, **{name: getattr(cfg, name) for name in CHUNKING_SETTINGS + PROMPT_SETTINGS}}
     settings["window"] = cfg.window or trained_window
+    settings["kv_store"] = cfg.kv_store
     return settings
+
+
+def quantize_int8(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 of `x` with one float32 scale per slice along `dim` (the absolute maximum maps to
+    127): (values int8, scales float32 with `dim` of size 1)."""
+    x = x.float()
+    scale = x.abs().amax(dim=dim, keepdim=True) / 127
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero slice: any scale is exact
+    return torch.round(x / scale).clamp_(-127, 127).to(torch.int8), scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`quantize_int8`'s inverse, in `dtype` (the product rounded once, from float32)."""
+    return (q.float() * scale).to(dtype)
 
 
 def encoding_meta(model, tokenizer, source: str, prefix: list[int], document: list[int],
@@ -125,6 +147,11 @@ class EncodedDocument:
     def dtype(self) -> str:
         return self.meta["dtype"]
 
+    @property
+    def kv_store(self) -> str:
+        """How the chunks' K/V are kept: "exact" (the model's dtype) or "int8" (see the module's docstring)."""
+        return self.meta["settings"].get("kv_store", "exact")
+
     def settings(self) -> dict:
         """The config fields that shaped the encoding (chunking and prompt prefix)."""
         return dict(self.meta["settings"])
@@ -138,11 +165,12 @@ class EncodedDocument:
         made = self.settings()
         return dataclasses.replace(config if config is not None else ParallelCompConfig(), mode="parallelcomp",
                                    **{name: made[name] for name in CHUNKING_SETTINGS + PROMPT_SETTINGS},
-                                   batch_chunks=self.meta["batch_chunks"], batch_tokens=0)
+                                   batch_chunks=self.meta["batch_chunks"], batch_tokens=0, kv_store=self.kv_store)
 
     def __repr__(self) -> str:
+        store = "" if self.kv_store == "exact" else f", K/V {self.kv_store}"
         return (f"EncodedDocument({str(self.path)!r}, {len(self.document)} tokens, {len(self.spans)} chunks, "
-                f"{self.dtype})")
+                f"{self.dtype}{store})")
 
     # -------------------------------------------------------------- reading
     def _open(self, name: str, device):
@@ -179,6 +207,12 @@ class EncodedDocument:
         self.verify(chunk_file(c))
         with self._open(chunk_file(c), device) as f:
             try:
+                if self.kv_store == "int8":
+                    dtype = _DTYPES[self.dtype]
+                    return ChunkKV([dequantize_int8(f.get_tensor(f"k.{l}"), f.get_tensor(f"k_scale.{l}"), dtype)
+                                    for l in range(layers)],
+                                   [dequantize_int8(f.get_tensor(f"v.{l}"), f.get_tensor(f"v_scale.{l}"), dtype)
+                                    for l in range(layers)], f.get_tensor("hidden"))
                 return ChunkKV([f.get_tensor(f"k.{l}") for l in range(layers)],
                                [f.get_tensor(f"v.{l}") for l in range(layers)], f.get_tensor("hidden"))
             except Exception as e:
@@ -188,24 +222,41 @@ class EncodedDocument:
         return self.path / chunk_file(c)
 
     # -------------------------------------------------------------- keeping
-    def save(self, path) -> "EncodedDocument":
+    def save(self, path, kv_store: str | None = None) -> "EncodedDocument":
         """Copy the encoding to directory `path` (atomically: a temporary sibling renamed into place) and
-        return it as an EncodedDocument read from there."""
+        return it as an EncodedDocument read from there. `kv_store` "int8" keeps an exact encoding's chunk
+        K/V at one byte per value there (the same files `encode` with kv_store="int8" writes); None: as it is."""
         path = Path(path)
+        kv_store = kv_store or self.kv_store
+        if kv_store not in KV_STORES:
+            raise ParallelCompError(f"kv_store {kv_store!r}: expected one of {', '.join(KV_STORES)}")
+        if kv_store != self.kv_store and self.kv_store != "exact":
+            raise ParallelCompError(f"encoding {self.path}: its K/V are kept as {self.kv_store}; an exact copy "
+                                    "needs the document encoded again")
         if path.resolve() == self.path.resolve():
+            if kv_store != self.kv_store:
+                raise ParallelCompError(f"encoding {self.path}: save it as {kv_store} to another directory")
             return self
-        writer = AtomicDir(path)
+        meta = self.meta
+        if kv_store != self.kv_store:
+            meta = dict(meta, settings=dict(meta["settings"], kv_store=kv_store))
+        convert = {chunk_file(c): c for c in range(len(self.spans))} if kv_store != self.kv_store else {}
+        writer = AtomicDir(path, kv_store)
         try:
             for name in sorted(self.meta["files"]):
+                if name in convert:  # read (checksum verified), quantized, written
+                    writer.save_chunk(convert[name], self.load_chunk(convert[name]))
+                    continue
                 writer.copy(self.path / name, name)
                 if writer.files[name] != self.meta["files"][name]:  # damaged here: not passed on
                     raise ParallelCompError(f"encoding {self.path}: {name} is corrupt (checksum mismatch); "
                                             "encode the document again")
-            writer.commit(self.meta)
+            writer.commit(meta)
         except BaseException:
             writer.abort()
             raise
-        return EncodedDocument(path, self.meta)
+        meta = dict(meta, files=dict(writer.files))
+        return EncodedDocument(path, meta)
 
     def remove_when_collected(self, root) -> "EncodedDocument":
         """Own the temporary directory `root` (which holds this encoding): removed by `close()` or when this
@@ -232,8 +283,9 @@ def _one_line(e: BaseException) -> str:
 class AtomicDir:
     """Build a directory in a temporary sibling; `commit` writes meta.json last and renames it into place."""
 
-    def __init__(self, final):
+    def __init__(self, final, kv_store: str = "exact"):
         self.final = Path(final)
+        self.kv_store = kv_store
         if self.final.exists() and not self.final.is_dir():
             raise ParallelCompError(f"{self.final}: exists and is not a directory")
         if self.final.is_dir() and any(self.final.iterdir()) and not (self.final / "meta.json").is_file():
@@ -247,11 +299,11 @@ class AtomicDir:
         self.files: dict[str, dict] = {}  # name -> {"bytes": size, "crc32": hex} of each file written
 
     @classmethod
-    def join(cls, final, tmp) -> "AtomicDir":
+    def join(cls, final, tmp, kv_store: str = "exact") -> "AtomicDir":
         """A writer into the temporary directory `tmp` another process's AtomicDir(final) made (a distributed
         encoding: every rank writes its chunks there, the one that made it commits)."""
         writer = cls.__new__(cls)
-        writer.final, writer.tmp, writer.files = Path(final), Path(tmp), {}
+        writer.final, writer.tmp, writer.files, writer.kv_store = Path(final), Path(tmp), {}, kv_store
         return writer
 
     def save_tensors(self, name: str, tensors: dict) -> None:
@@ -278,6 +330,13 @@ class AtomicDir:
                                                  **{f"v.{l}": t for l, t in enumerate(values)}})
 
     def save_chunk(self, c: int, kv: ChunkKV) -> None:
+        if self.kv_store == "int8":
+            tensors = {"hidden": kv.hidden}
+            for l, (k, v) in enumerate(zip(kv.keys, kv.values)):
+                tensors[f"k.{l}"], tensors[f"k_scale.{l}"] = quantize_int8(k, dim=1)
+                tensors[f"v.{l}"], tensors[f"v_scale.{l}"] = quantize_int8(v, dim=2)
+            self.save_tensors(chunk_file(c), tensors)
+            return
         self.save_tensors(chunk_file(c), {**{f"k.{l}": t for l, t in enumerate(kv.keys)},
                                           **{f"v.{l}": t for l, t in enumerate(kv.values)}, "hidden": kv.hidden})
 
@@ -342,14 +401,24 @@ def open_encoding(path, model, tokenizer) -> EncodedDocument:
     check_model(enc, model, tokenizer)
     layers, kv_heads, head_dim = meta["num_layers"], meta["num_kv_heads"], meta["head_dim"]
     dtype = _DTYPES[meta["dtype"]]
-    expected = {}
+    if enc.kv_store not in KV_STORES:
+        raise ParallelCompError(f"encoding {path}: K/V kept as {enc.kv_store!r}, this package reads "
+                                f"{', '.join(KV_STORES)}")
+    expected = {}  # file -> tensor name -> (shape, dtype)
     if meta["prefix"]:
         shape = [kv_heads, len(meta["prefix"]), head_dim]
-        expected["prefix.safetensors"] = {f"{kv}.{l}": shape for kv in "kv" for l in range(layers)}
+        expected["prefix.safetensors"] = {f"{kv}.{l}": (shape, dtype) for kv in "kv" for l in range(layers)}
     for c, (s, e) in enumerate(meta["spans"]):
         shape = [kv_heads, e - s, head_dim]
-        expected[chunk_file(c)] = {f"{kv}.{l}": shape for kv in "kv" for l in range(layers)}
-        expected[chunk_file(c)]["hidden"] = [meta["hidden_size"]]
+        if enc.kv_store == "int8":
+            expected[chunk_file(c)] = {f"{kv}.{l}": (shape, torch.int8) for kv in "kv" for l in range(layers)}
+            expected[chunk_file(c)].update({f"k_scale.{l}": ([kv_heads, 1, head_dim], torch.float32)
+                                            for l in range(layers)})
+            expected[chunk_file(c)].update({f"v_scale.{l}": ([kv_heads, e - s, 1], torch.float32)
+                                            for l in range(layers)})
+        else:
+            expected[chunk_file(c)] = {f"{kv}.{l}": (shape, dtype) for kv in "kv" for l in range(layers)}
+        expected[chunk_file(c)]["hidden"] = ([meta["hidden_size"]], dtype)
     files = meta.get("files")
     if not isinstance(files, dict) or set(files) != set(expected):
         raise ParallelCompError(f"encoding {path}: meta.json does not list the expected files")
@@ -368,12 +437,10 @@ def open_encoding(path, model, tokenizer) -> EncodedDocument:
                                     "(truncated or corrupt)")
         with enc._open(name, "cpu") as f:
             try:
-                got = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
-                dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+                got = {k: (list(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
             except Exception as e:
                 raise ParallelCompError(f"encoding {path}: {name} is corrupt ({_one_line(e)})") from None
-        want_dtype = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}[dtype]
-        if got != shapes or dtypes != {want_dtype}:
+        if got != {k: (shape, _SAFETENSORS_DTYPES[t]) for k, (shape, t) in shapes.items()}:
             raise ParallelCompError(f"encoding {path}: {name} does not hold the tensors meta.json describes")
     return enc
 

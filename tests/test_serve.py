@@ -45,7 +45,11 @@ class Server:
 
     def __init__(self, model_dir, store, settings=None, dtype="float32"):
         self.model_dir, self.store, self.proc, self.dtype = model_dir, store, None, dtype
-        self.settings = settings if settings is not None else [a for a in cli_args(CFG) if a != "--no-progress"]
+        self.settings = settings if settings is not None else self.default_settings()
+
+    @staticmethod
+    def default_settings() -> list[str]:
+        return [a for a in cli_args(CFG) if a != "--no-progress"]
 
     def start(self):
         with socket.socket() as s:
@@ -452,6 +456,22 @@ def test_a_question_over_two_stored_documents(server, docs, pc):
 
 
 @pytest.mark.slow
+def test_an_int8_store_keeps_one_byte_values_and_answers_from_them(model_dir, tmp_path, docs, pc):
+    """--kv-store int8: the document gets another id than in an exact store, is stored as int8, and is answered
+    as `pc.generate` answers from that encoding."""
+    srv = Server(model_dir, tmp_path / "store", settings=[*Server.default_settings(), "--kv-store", "int8"]).start()
+    try:
+        status, info = api(srv, "POST", "/v1/documents", {"text": DOC_A})
+        assert status == 201 and info["settings"]["kv_store"] == "int8" and info["id"] != docs[DOC_A]
+        encoded = pc.load_encoded(tmp_path / "store" / info["id"])
+        assert encoded.kv_store == "int8"
+        want = pc.generate(encoded, QUESTIONS[0], config=CFG)
+        got = ask(srv.client(), info["id"], QUESTIONS[0], max_tokens=CFG.max_new_tokens)
+        assert got.choices[0].message.content == want.text
+    finally:
+        srv.kill()
+
+
 def test_the_answer_is_found_in_the_second_of_two_documents(bundled_model_dir, tmp_path):
     """The bundled model: a filler document, then one with a pass key; the key is answered, from the second."""
     from parallelcomp_triton.tasks import PASSKEY_FILLER, passkey_case
