@@ -266,10 +266,12 @@ def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int =
         extra = lambda res: {"documents": list(req["doc_ids"]), "sources": sources(res, req["doc_ids"])}  # noqa: E731
         if not req["stream"]:
             try:
-                res = await _outcome(job)
+                res = await _outcome_while_connected(job, request)
             except asyncio.CancelledError:
                 job.cancelled.set()
                 raise
+            if res is None:  # the client left: nobody to answer (499, as nginx logs it)
+                return JSONResponse(ApiError(499, "the client closed the connection").body(), status_code=499)
             return {**head, "object": "chat.completion",
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": res.text},
                                  "logprobs": None, "finish_reason": finish_reason(res, req["cfg"])}],
@@ -322,6 +324,22 @@ async def _outcome(job: Job):
             return event[1]
         if event[0] == "error":
             raise event[1]
+
+
+async def _outcome_while_connected(job: Job, request, poll: float = 0.25):
+    """`_outcome(job)`, or None once the client has disconnected: the job is then cancelled, so the
+    answering thread drops it if it has not taken it yet (a batch it is already in runs to its end)."""
+    outcome = asyncio.ensure_future(_outcome(job))
+    try:
+        while True:
+            done, _ = await asyncio.wait({outcome}, timeout=poll)
+            if done:
+                return outcome.result()
+            if await request.is_disconnected():
+                job.cancelled.set()
+                return None
+    finally:
+        outcome.cancel()
 
 
 def _decode(data: bytes, param: str) -> str:

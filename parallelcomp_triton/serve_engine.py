@@ -169,7 +169,8 @@ class Engine:
             return self._stream(jobs[0])
         groups: dict[str, list] = {}
         for job in jobs:
-            if job.cancelled.is_set():
+            if job.cancelled.is_set():  # its client left while it waited
+                self.counts["dropped"] += 1
                 continue
             try:
                 context, cfg = self._context(job)
@@ -201,6 +202,7 @@ class Engine:
 
     def _stream(self, job: Job) -> None:
         if job.cancelled.is_set():
+            self.counts["dropped"] += 1
             return
         try:
             context, cfg = self._context(job)
@@ -295,7 +297,7 @@ class Engine:
                 "waiting": {"questions": len(self.questions), "documents": len(self.encodes),
                             "limit": self.questions.size},
                 **{k: self.counts[k] for k in ("answered", "batches", "largest_batch", "encoded",
-                                               "streams_cancelled")}}
+                                               "streams_cancelled", "dropped")}}
 
 
 # ---------------------------------------------------------------------------------------------- requests

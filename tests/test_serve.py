@@ -399,6 +399,36 @@ def test_a_client_that_disconnects_stops_its_decoding(server, docs):
     assert ask(server.client(), docs[DOC_A], QUESTIONS[0]).choices  # and the server answers on
 
 
+def test_a_waiting_question_whose_client_leaves_is_dropped_unanswered(server, docs):
+    """A non-streamed question still in the queue when its client disconnects is never answered."""
+    before = api(server, "GET", "/health")[1]
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    busy = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)  # the answering thread's work
+    busy.request("POST", "/v1/chat/completions", headers=headers, body=json.dumps(
+        {"messages": [{"role": "user", "content": "Keep talking."}], "documents": [docs[DOC_A]],
+         "max_tokens": 1500, "stream": True}))
+    resp = busy.getresponse()
+    assert resp.status == 200 and resp.readline().startswith(b"data: ")
+    waiting = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    waiting.request("POST", "/v1/chat/completions", headers=headers, body=json.dumps(
+        {"messages": [{"role": "user", "content": QUESTIONS[0]}], "documents": [docs[DOC_B]]}))
+    deadline = time.monotonic() + 20
+    while api(server, "GET", "/health")[1]["waiting"]["questions"] == 0:
+        assert time.monotonic() < deadline, "the question did not wait"
+        time.sleep(0.02)
+    waiting.sock.shutdown(socket.SHUT_RDWR)
+    waiting.close()
+    time.sleep(1)  # the server notices within its poll interval
+    busy.sock.shutdown(socket.SHUT_RDWR)  # frees the answering thread, which then takes the left question
+    busy.close()
+    while api(server, "GET", "/health")[1]["dropped"] == before["dropped"]:
+        assert time.monotonic() < deadline, "the question was not dropped"
+        time.sleep(0.05)
+    after = api(server, "GET", "/health")[1]
+    assert after["answered"] == before["answered"] and after["dropped"] == before["dropped"] + 1
+    assert ask(server.client(), docs[DOC_B], QUESTIONS[0]).choices  # and the server answers on
+
+
 # ------------------------------------------------------------------------------------------- restart
 def test_kill_and_restart(server, docs, pc):
     want = pc.generate(DOC_B, QUESTIONS[0], config=CFG).text
