@@ -110,14 +110,23 @@ def cut_at_stop(text: str, stop_strings) -> str:
     return text[:cut]
 
 
-def stream_text(model, tokenizer, cfg, plan, state, cache: CompressedKVCache, eos: set[int], backend: str = "auto"):
-    """`answer` for one document as a generator of text pieces, each yielded as soon as it is decoded and
-    stable (no half of a multi-byte character, no start of a possible stop string); the pieces add up to the
-    result's text, which is the generator's return value. Closing it stops the decoding."""
-    logits, positions = question_passes(model, cfg, [plan], [state], cache, backend)
+def stream_texts(model, tokenizer, cfg, plans, states, cache: CompressedKVCache, eos: set[int], backend: str = "auto",
+                 leave=None):
+    """`answer` as a generator of (row, text piece), each piece yielded as soon as it is decoded and stable (no
+    half of a multi-byte character, no start of a possible stop string); a row's pieces add up to its
+    result's text, and the results are the generator's return value. `leave(row)`: True ends that row's
+    decoding at its next step (a client that left; its result is then cut short). Closing it stops all."""
+    logits, positions = question_passes(model, cfg, plans, states, cache, backend)
     t = time.perf_counter()
-    steps = decode_steps(model, cfg, cache, logits, positions, eos, backend, stop=stop_check(tokenizer, cfg.stop_strings))
-    tokens, emitted = [], ""
+    stop_string = stop_check(tokenizer, cfg.stop_strings)
+
+    def stop(row, tokens) -> bool:
+        return bool((leave is not None and leave(row)) or (stop_string is not None and stop_string(row, tokens)))
+
+    steps = decode_steps(model, cfg, cache, logits, positions, eos, backend,
+                         stop=stop if leave is not None or stop_string is not None else None)
+    tokens: list[list[int]] = [[] for _ in plans]
+    emitted = [""] * len(plans)
     try:
         while True:
             try:
@@ -125,18 +134,20 @@ def stream_text(model, tokenizer, cfg, plan, state, cache: CompressedKVCache, eo
             except StopIteration as done:
                 outs, count = done.value
                 break
-            tokens += [token for _, token in pairs]
-            text = cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), cfg.stop_strings)
-            stable = stable_prefix(text, cfg.stop_strings)
-            if stable.startswith(emitted) and len(stable) > len(emitted):
-                yield stable[len(emitted):]
-                emitted = stable
+            for row, token in pairs:
+                tokens[row].append(token)
+                text = cut_at_stop(tokenizer.decode(tokens[row], skip_special_tokens=True), cfg.stop_strings)
+                stable = stable_prefix(text, cfg.stop_strings)
+                if stable.startswith(emitted[row]) and len(stable) > len(emitted[row]):
+                    yield row, stable[len(emitted[row]):]
+                    emitted[row] = stable
     finally:
         steps.close()
-    result = results(model, tokenizer, cfg, [plan], [state], outs, count, time.perf_counter() - t)[0]
-    if result.text.startswith(emitted) and len(result.text) > len(emitted):
-        yield result.text[len(emitted):]
-    return result
+    out = results(model, tokenizer, cfg, plans, states, outs, count, time.perf_counter() - t)
+    for row, result in enumerate(out):
+        if result.text.startswith(emitted[row]) and len(result.text) > len(emitted[row]):
+            yield row, result.text[len(emitted[row]):]
+    return out
 
 
 def stable_prefix(text: str, stop_strings) -> str:

@@ -112,16 +112,60 @@ class ParallelComp:
         plans = [self.plan(context, question, cfg)]
         return TextStream(self._stream(cfg, plans, progress))
 
+    def stream_batch(self, pairs, max_new_tokens: int | None = None, config: ParallelCompConfig | None = None,
+                     leave=None, return_errors: bool = False) -> "TextStream":
+        """`generate_batch`, streamed: iterating yields (i, text piece) for pair i as the batch decodes;
+        afterwards `result` is what `generate_batch` returns. The pairs are planned at once: a bad pair
+        raises here, or with `return_errors` is in `errors` ({i: ParallelCompError}) before any decoding.
+        `leave(i)`: True ends pair i's decoding at its next step (its client left; its result is cut short)."""
+        cfg = self.resolve_config(config, max_new_tokens)
+        planned = self.plan_all(pairs, cfg, return_errors)
+        index = [i for i, p in enumerate(planned) if isinstance(p, Plan)]
+        plans = [planned[i] for i in index]
+        stream = TextStream(self._stream_batch(cfg, plans, index, planned, leave))
+        stream.errors = {i: p for i, p in enumerate(planned) if not isinstance(p, Plan)}
+        return stream
+
     @torch.no_grad()
     def _stream(self, cfg, plans, progress):
-        if cfg.mode in alternatives.ALTERNATIVE_MODES:  # no piecewise decoding there: the answer in one piece
-            result = self.run(cfg, plans)[0]
-            if result.text:
-                yield result.text
-            return result
-        cache, states = self.prefill(cfg, plans, progress)
-        return (yield from answer.stream_text(self.model, self.tokenizer, cfg, plans[0], states[0], cache,
-                                              self.eos_ids(), self.backend))
+        pieces = self._stream_batch(cfg, plans, [0], plans, None, progress)
+        try:
+            while True:
+                try:
+                    _, piece = next(pieces)
+                except StopIteration as done:
+                    return done.value[0]
+                yield piece
+        finally:
+            pieces.close()
+
+    @torch.no_grad()
+    def _stream_batch(self, cfg, plans, index, planned, leave, progress=False):
+        if not plans:
+            return list(planned)
+        if cfg.mode in alternatives.ALTERNATIVE_MODES:  # no piecewise decoding there: each answer in one piece
+            results = self.run(cfg, plans)
+            for i, result in zip(index, results):
+                if result.text:
+                    yield i, result.text
+        else:
+            cache, states = self.prefill(cfg, plans, progress)
+            rows = answer.stream_texts(self.model, self.tokenizer, cfg, plans, states, cache, self.eos_ids(),
+                                       self.backend, leave=None if leave is None else lambda row: leave(index[row]))
+            try:
+                while True:
+                    try:
+                        row, piece = next(rows)
+                    except StopIteration as done:
+                        results = done.value
+                        break
+                    yield index[row], piece
+            finally:
+                rows.close()
+        out = list(planned)
+        for i, result in zip(index, results):
+            out[i] = result
+        return out
 
     def run(self, cfg: ParallelCompConfig, plans: list[Plan], progress: bool = False,
             observer=None) -> list[GenerationResult]:
@@ -200,7 +244,8 @@ class TextStream:
 
     def __init__(self, pieces):
         self._pieces = pieces
-        self.result: GenerationResult | None = None
+        self.result: GenerationResult | list | None = None
+        self.errors: dict = {}  # stream_batch with return_errors: the pairs refused at planning
 
     def __iter__(self):
         self.result = yield from self._pieces

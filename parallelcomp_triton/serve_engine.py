@@ -80,18 +80,18 @@ class JobQueue:
             return len(self.jobs)
 
     def take(self, max_batch: int = 1) -> list[Job]:
-        """The oldest job; if it is a non-streamed question, with it the other waiting non-streamed questions
-        that decode under the same settings (oldest first, `max_batch` in all)."""
+        """The oldest job; if it is a question, with it the other waiting questions of its kind (streamed or
+        not) that decode under the same settings (oldest first, `max_batch` in all)."""
         with self.cond:
             while not self.jobs:
                 self.cond.wait()
             first = self.jobs.popleft()
             batch = [first]
-            if first.kind == "answer":
+            if first.kind in ("answer", "stream"):
                 for job in list(self.jobs):
                     if len(batch) >= max_batch:
                         break
-                    if job.kind == "answer" and job.batch_key() == first.batch_key():
+                    if job.kind == first.kind and job.batch_key() == first.batch_key():
                         self.jobs.remove(job)
                         batch.append(job)
             return batch
@@ -165,8 +165,6 @@ class Engine:
                     job.emit("error", ApiError(500, f"internal error ({type(e).__name__}); see the server log"))
 
     def _answer_jobs(self, jobs: list[Job]) -> None:
-        if jobs[0].kind == "stream":
-            return self._stream(jobs[0])
         groups: dict[str, list] = {}
         for job in jobs:
             if job.cancelled.is_set():  # its client left while it waited
@@ -178,6 +176,10 @@ class Engine:
                 job.emit("error", e)
                 continue
             groups.setdefault(repr(cfg), []).append((job, context, cfg))
+        if jobs[0].kind == "stream":
+            for group in groups.values():
+                self._stream(group)
+            return
         for group in groups.values():
             cfg = group[0][2]
             pairs = [(context, job.question) for job, context, _ in group]
@@ -200,29 +202,46 @@ class Engine:
         except ParallelCompError as e:
             return e
 
-    def _stream(self, job: Job) -> None:
-        if job.cancelled.is_set():
-            self.counts["dropped"] += 1
+    def _stream(self, group: list) -> None:
+        """Streamed questions answered together (`stream_batch`): each piece goes to its client as decoded; a
+        client that leaves takes its row out of the batch at the next step."""
+        jobs = [job for job, _, _ in group]
+        cfg = group[0][2]
+        try:
+            stream = self.pc.stream_batch([(context, job.question) for job, context, _ in group], config=cfg,
+                                          leave=lambda i: jobs[i].cancelled.is_set(), return_errors=True)
+        except ParallelCompError as e:
+            for job in jobs:
+                job.emit("error", self._error(e, job))
             return
+        for i, job in enumerate(jobs):
+            if i in stream.errors:
+                job.emit("error", self._error(stream.errors[i], job))
+            else:
+                job.emit("started")
+        if len(jobs) > len(stream.errors):
+            self.counts["batches"] += 1
+            self.counts["largest_batch"] = max(self.counts["largest_batch"], len(jobs) - len(stream.errors))
         try:
-            context, cfg = self._context(job)
-            stream = self.pc.stream(context, job.question, config=cfg)
-        except ApiError as e:
-            return job.emit("error", e)
-        except ParallelCompError as e:
-            return job.emit("error", self._error(e, job))
-        job.emit("started")
-        try:
-            for piece in stream:
-                if job.cancelled.is_set():  # the client went away: stop decoding
-                    stream.close()
-                    self.counts["streams_cancelled"] += 1
-                    return
-                job.emit("piece", piece)
-        except ParallelCompError as e:
-            return job.emit("error", self._error(e, job))
-        self.counts["answered"] += 1
-        job.emit("done", stream.result)
+            for i, piece in stream:
+                if not jobs[i].cancelled.is_set():
+                    jobs[i].emit("piece", piece)
+                if all(job.cancelled.is_set() for k, job in enumerate(jobs) if k not in stream.errors):
+                    stream.close()  # every client went away: stop decoding
+                    break
+        except ParallelCompError as e:  # e.g. a corrupt stored file found while reading
+            for i, job in enumerate(jobs):
+                if i not in stream.errors:
+                    job.emit("error", self._error(e, job))
+            return
+        for i, job in enumerate(jobs):
+            if i in stream.errors:
+                continue
+            if job.cancelled.is_set():
+                self.counts["streams_cancelled"] += 1
+            else:
+                self.counts["answered"] += 1
+                job.emit("done", stream.result[i])
 
     def _encode_jobs(self, jobs: list[Job]) -> None:
         for job in jobs:

@@ -378,6 +378,38 @@ def test_eight_concurrent_clients_over_two_documents(server, docs, pc):
     assert after["waiting"] == {"questions": 0, "documents": 0, "limit": 64}
 
 
+def test_streamed_questions_that_wait_together_are_streamed_in_one_batch(server, docs, pc):
+    asks = [(text, q) for q in QUESTIONS[:2] for text in (DOC_A, DOC_B)]
+    want = [pc.generate(text, q, config=CFG).text for text, q in asks]
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    busy = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)  # holds the answering thread
+    busy.request("POST", "/v1/chat/completions", headers=headers, body=json.dumps(
+        {"messages": [{"role": "user", "content": "Keep talking."}], "documents": [docs[DOC_A]],
+         "max_tokens": 1500, "stream": True}))
+    resp = busy.getresponse()
+    assert resp.status == 200 and resp.readline().startswith(b"data: ")
+    before = api(server, "GET", "/health")[1]
+
+    def one(i):
+        text, q = asks[i]
+        stream = ask(server.client(), docs[text], q, max_tokens=CFG.max_new_tokens, stream=True)
+        return "".join(e.choices[0].delta.content or "" for e in stream if e.choices)
+
+    with ThreadPoolExecutor(len(asks)) as pool:
+        futures = [pool.submit(one, i) for i in range(len(asks))]
+        deadline = time.monotonic() + 30
+        while api(server, "GET", "/health")[1]["waiting"]["questions"] < len(asks):
+            assert time.monotonic() < deadline, "the questions did not all wait"
+            time.sleep(0.02)
+        busy.sock.shutdown(socket.SHUT_RDWR)  # frees the thread: the four waiting streams go together
+        busy.close()
+        got = [f.result() for f in futures]
+    assert got == want
+    after = api(server, "GET", "/health")[1]
+    assert after["answered"] - before["answered"] == len(asks)
+    assert after["batches"] - before["batches"] == 1 and after["largest_batch"] >= len(asks)
+
+
 def test_a_client_that_disconnects_stops_its_decoding(server, docs):
     before = api(server, "GET", "/health")[1]
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)

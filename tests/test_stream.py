@@ -25,6 +25,33 @@ def test_streamed_pieces_add_up_to_the_generated_answer(pc, case):
     assert stream.result.stats.kept_chunks == want.stats.kept_chunks
 
 
+def test_a_streamed_batch_adds_up_to_generate_batch(pc):
+    """stream_batch: each pair's pieces add up to its generate_batch answer; a bad pair is refused at once
+    (return_errors) and the others answered; a pair that leaves is cut short, the others not."""
+    from _cases import QUESTIONS, assert_same
+
+    cfg = CASES[0].config
+    pairs = [(CASES[0].context, ""), (CASES[0].context, QUESTIONS[0]), (CASES[1].context, QUESTIONS[1])]
+    want = pc.generate_batch(pairs[1:], config=cfg)
+    stream = pc.stream_batch(pairs, config=cfg, return_errors=True)
+    assert list(stream.errors) == [0]  # known before any decoding
+    pieces = {1: [], 2: []}
+    for i, piece in stream:
+        pieces[i].append(piece)
+    for i in (1, 2):
+        assert "".join(pieces[i]) == want[i - 1].text and all(pieces[i])
+        assert_same(stream.result[i], want[i - 1])
+    assert stream.result[0] is stream.errors[0]
+    long = dataclasses.replace(cfg, max_new_tokens=12, ignore_eos=True)
+    full = pc.generate_batch(pairs[1:], config=long)
+    left = pc.stream_batch(pairs[1:], config=long, leave=lambda i: i == 0)
+    got = {0: "", 1: ""}
+    for i, piece in left:
+        got[i] += piece
+    assert len(left.result[0].token_ids) == 1 and left.result[1].token_ids == full[1].token_ids
+    assert got[1] == full[1].text
+
+
 def test_stop_string_ends_the_answer_before_it(pc):
     case = CASES[0]
     cfg = dataclasses.replace(case.config, max_new_tokens=20)
