@@ -160,7 +160,10 @@ def _check_same_cases(previous: dict, result: dict) -> None:
     def shared(cfg: dict) -> dict:
         return {k: v for k, v in cfg.items() if not any(k in names for names in METHOD_SETTINGS.values())}
 
-    if shared(previous.get("config") or {}) != shared(json.loads(json.dumps(result["config"]))):
+    # A setting added since the earlier run had, in effect, its default then.
+    defaults = json.loads(json.dumps(dataclasses.asdict(ParallelCompConfig())))
+    earlier = {**defaults, **(previous.get("config") or {})}
+    if shared(earlier) != shared(json.loads(json.dumps(result["config"]))):
         raise ParallelCompError("--resume: the earlier result was measured with other settings")
 
 
