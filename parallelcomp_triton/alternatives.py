@@ -232,7 +232,10 @@ class SelfExtend(_Runner):
         return out
 
     def _block(self, layer, q_near, q_far, a: int, b: int, scale: float):
-        """Queries at positions a..b-1: near keys (a - near, b), far keys [0, b - near)."""
+        """Queries at positions a..b-1: near keys (a - near, b), far keys [0, b - near). Keys before
+        a - near + 1 are far for every query of the block: one unmasked flash call over them; the band
+        [a - near + 1, b), where a key is far for some queries and near for others, is one masked call over
+        both kinds of keys; the two are merged by their log-sum-exps."""
         near = self.near
         n0, f = max(0, a - near + 1), max(0, b - near)
         keys_near, values = self.keys[layer][n0:b], self.values[layer]
@@ -241,13 +244,49 @@ class SelfExtend(_Runner):
         mask_near = (j_near <= i) & (j_near > i - near)
         if f == 0:
             return attend_sdpa(q_near, keys_near, values[n0:b], mask=mask_near, scale=scale)
-        keys_far = self.grouped[layer][:f]
-        zeros_far, zeros_near = torch.zeros_like(keys_far), torch.zeros_like(keys_near)
+        band_far = self.grouped[layer][n0:f]
         q2 = torch.cat([q_far, q_near], dim=-1)
-        k2 = torch.cat([torch.cat([keys_far, zeros_far], dim=-1), torch.cat([zeros_near, keys_near], dim=-1)])
-        v2 = torch.cat([values[:f], values[n0:b]])
-        mask_far = torch.arange(f, device=self.device)[None] <= i - near
-        return attend_sdpa(q2, k2, v2, mask=torch.cat([mask_far, mask_near], dim=1), scale=scale)
+        k2 = torch.cat([torch.cat([band_far, torch.zeros_like(band_far)], dim=-1),
+                        torch.cat([torch.zeros_like(keys_near), keys_near], dim=-1)])
+        v2 = torch.cat([values[n0:f], values[n0:b]])
+        mask_far = torch.arange(n0, f, device=self.device)[None] <= i - near
+        out, lse = _attend_with_lse(q2, k2, v2, torch.cat([mask_far, mask_near], dim=1), scale)
+        if n0 > 0:
+            out_far, lse_far = _attend_with_lse(q_far, self.grouped[layer][:n0], values[:n0], None, scale)
+            top = torch.maximum(lse, lse_far)
+            w, w_far = torch.exp(lse - top)[..., None], torch.exp(lse_far - top)[..., None]
+            out = (out * w + out_far * w_far) / (w + w_far)
+        return out.to(q_near.dtype)
+
+
+def _attend_with_lse(q, k, v, mask, scale: float):
+    """Softmax attention of q [n, H, d] over k [m, H_kv, d], v [m, H_kv, dv <= d] (GQA by head groups), and
+    its log-sum-exp: (out [n, H, dv] float32, lse [n, H] float32); mask [n, m] (True: attend) or None. On a
+    CPU the flash kernel, which returns the log-sum-exp (it wants v as wide as q: zero-padded); elsewhere
+    explicit float32 scores."""
+    n, heads, d = q.shape
+    kv_heads, dv = k.shape[1], v.shape[-1]
+    group = heads // kv_heads
+    # a KV head's G query heads as G rows per query: no K/V repeated
+    rows = q.reshape(n, kv_heads, group, d).permute(1, 0, 2, 3).reshape(1, kv_heads, n * group, d)
+    keys = k.transpose(0, 1)[None]
+    if mask is not None:
+        mask = mask.repeat_interleave(group, dim=0)
+    if q.device.type == "cpu":
+        vals = v if dv == d else torch.cat([v, v.new_zeros(v.shape[0], kv_heads, d - dv)], dim=-1)
+        if mask is not None:
+            mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            rows, keys, vals.transpose(0, 1)[None], 0.0, False, attn_mask=mask, scale=scale)[:2]
+        out = out[..., :dv].float()
+    else:  # explicit float32 scores (a baseline mode: plain torch on any device)
+        scores = torch.matmul(rows.float(), keys.float().transpose(-1, -2)) * scale
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1)
+        out = torch.matmul(torch.exp(scores - lse[..., None]), v.transpose(0, 1)[None].float())
+    out = out[0].reshape(kv_heads, n, group, dv).permute(1, 0, 2, 3).reshape(n, heads, dv)
+    return out, lse[0].reshape(kv_heads, n, group).permute(1, 0, 2).reshape(n, heads)
 
 
 class Streaming(_Runner):

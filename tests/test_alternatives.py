@@ -122,6 +122,34 @@ def test_self_extend_matches_a_naive_pair_by_pair_attention(pc, near, group, mon
                                    atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_with_lse_on_a_cpu_equals_explicit_scores(monkeypatch, dtype, masked):
+    """The CPU flash kernel path of `_attend_with_lse` against its explicit path (other devices) and the
+    float64 definition: GQA, keys wider than values (self-extend's band), masked rows."""
+    import parallelcomp_triton.alternatives as alternatives
+
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(37, 6, 32, generator=g), torch.randn(50, 2, 32, generator=g)
+    v = torch.randn(50, 2, 16, generator=g)
+    mask = (torch.rand(37, 50, generator=g) > 0.4) | torch.eye(37, 50, dtype=torch.bool) if masked else None
+    scores = torch.einsum("nhd,mhd->hnm", q.double(), k.double().repeat_interleave(3, dim=1)) * 0.2
+    if masked:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    want = torch.einsum("hnm,mhd->nhd", torch.softmax(scores, -1), v.double().repeat_interleave(3, dim=1))
+    want_lse = torch.logsumexp(scores, -1).T
+    out, lse = alternatives._attend_with_lse(q.to(dtype), k.to(dtype), v.to(dtype), mask, 0.2)
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.double(), want, **tol)
+    torch.testing.assert_close(lse.double(), want_lse, **tol)
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.Tensor, "device", property(lambda t: torch.device("meta") if t is q else cpu))
+    explicit_out, explicit_lse = alternatives._attend_with_lse(q, k, v, mask, 0.2)  # float32: the other path
+    monkeypatch.undo()
+    torch.testing.assert_close(explicit_out.double(), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(explicit_lse.double(), want_lse, atol=1e-5, rtol=1e-5)
+
+
 def test_self_extend_group_keeps_every_position_in_the_window():
     cfg = config("self-extend", self_extend_window=1024)
     for capacity in (8192, 8193, 16000, 33000, 131072):
