@@ -120,48 +120,30 @@ class ParallelComp:
         `leave(i)`: True ends pair i's decoding at its next step (its client left; its result is cut short)."""
         cfg = self.resolve_config(config, max_new_tokens)
         planned = self.plan_all(pairs, cfg, return_errors)
-        index = [i for i, p in enumerate(planned) if isinstance(p, Plan)]
-        plans = [planned[i] for i in index]
-        stream = TextStream(self._stream_batch(cfg, plans, index, planned, leave))
+        stream = TextStream(self._stream_batch(cfg, planned, leave))
         stream.errors = {i: p for i, p in enumerate(planned) if not isinstance(p, Plan)}
         return stream
 
-    @torch.no_grad()
     def _stream(self, cfg, plans, progress):
-        pieces = self._stream_batch(cfg, plans, [0], plans, None, progress)
-        try:
-            while True:
-                try:
-                    _, piece = next(pieces)
-                except StopIteration as done:
-                    return done.value[0]
-                yield piece
-        finally:
-            pieces.close()
+        return (yield from _relabel(self._stream_batch(cfg, plans, None, progress), lambda item: item[1],
+                                    lambda results: results[0]))
 
     @torch.no_grad()
-    def _stream_batch(self, cfg, plans, index, planned, leave, progress=False):
-        if not plans:
-            return list(planned)
-        if cfg.mode in alternatives.ALTERNATIVE_MODES:  # no piecewise decoding there: each answer in one piece
+    def _stream_batch(self, cfg, planned, leave, progress=False):
+        """(pair index, piece) of every Plan in `planned` (the others: errors, passed through to the result)."""
+        index = [i for i, p in enumerate(planned) if isinstance(p, Plan)]
+        plans = [planned[i] for i in index]
+        results = []
+        if plans and cfg.mode in alternatives.ALTERNATIVE_MODES:  # no piecewise decoding: each answer in one piece
             results = self.run(cfg, plans)
             for i, result in zip(index, results):
                 if result.text:
                     yield i, result.text
-        else:
+        elif plans:
             cache, states = self.prefill(cfg, plans, progress)
             rows = answer.stream_texts(self.model, self.tokenizer, cfg, plans, states, cache, self.eos_ids(),
                                        self.backend, leave=None if leave is None else lambda row: leave(index[row]))
-            try:
-                while True:
-                    try:
-                        row, piece = next(rows)
-                    except StopIteration as done:
-                        results = done.value
-                        break
-                    yield index[row], piece
-            finally:
-                rows.close()
+            results = yield from _relabel(rows, lambda item: (index[item[0]], item[1]))
         out = list(planned)
         for i, result in zip(index, results):
             out[i] = result
@@ -236,6 +218,20 @@ class ParallelComp:
         """An encoding saved by `encode(path=...)` or `EncodedDocument.save`, checked against this model:
         another model, tokenizer or dtype, or a missing, truncated or corrupt file is refused in one line."""
         return open_encoding(path, self.model, self.tokenizer)
+
+
+def _relabel(pieces, item, value=lambda v: v):
+    """A generator of `pieces`' items passed through `item`, returning `pieces`' return value passed through
+    `value`; closing it closes `pieces`."""
+    try:
+        while True:
+            try:
+                x = next(pieces)
+            except StopIteration as done:
+                return value(done.value)
+            yield item(x)
+    finally:
+        pieces.close()
 
 
 class TextStream:
