@@ -209,6 +209,15 @@ def drop_from_page_cache(path: str) -> None:
             os.close(fd)
 
 
+def timed_answer(pc, encoded, question, cfg):
+    """(result, {"wall_s", "cpu_s" (the process's, every thread), "major_faults"}) of one answer."""
+    r0, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    res = pc.generate(encoded, question, config=cfg)
+    wall, r1 = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF)
+    cpu = r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime
+    return res, {"wall_s": wall, "cpu_s": cpu, "major_faults": r1.ru_majflt - r0.ru_majflt}
+
+
 def cold(pc, args, tokens: int) -> int:
     cfg, case, encoded = niah_encoding(pc, tokens, args.encoding)
     path = str(encoded.path)
@@ -225,14 +234,11 @@ def cold(pc, args, tokens: int) -> int:
                 pc.read_ahead = read_ahead if ahead else None  # None: the prefill reads no batch ahead
                 if drop:
                     drop_from_page_cache(path)
-                r0, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-                res = pc.generate(encoded, case.question, config=cfg)
-                wall, r1 = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF)
-                cpu = r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime
-                runs[name].append({"wall_s": wall, "cpu_s": cpu, "major_faults": r1.ru_majflt - r0.ru_majflt})
+                res, run = timed_answer(pc, encoded, case.question, cfg)
+                runs[name].append(run)
                 answers.add(tuple(res.token_ids))
-                print(f"{name}: {wall:.2f} s (process CPU {cpu:.2f} s, {runs[name][-1]['major_faults']} major "
-                      "faults)", file=sys.stderr, flush=True)
+                print(f"{name}: {run['wall_s']:.2f} s (process CPU {run['cpu_s']:.2f} s, {run['major_faults']} "
+                      "major faults)", file=sys.stderr, flush=True)
     finally:
         pc.read_ahead = read_ahead
     table = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}

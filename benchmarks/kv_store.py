@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import resource
 import shutil
 import statistics
 import sys
@@ -29,7 +28,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from followup import drop_from_page_cache, niah, write_json  # noqa: E402
+from followup import drop_from_page_cache, niah, timed_answer, write_json  # noqa: E402
 
 STORES = ("exact", "int8")
 
@@ -128,14 +127,11 @@ def timing(pc, args) -> int:
         for name, store, drop in variants:
             if drop:
                 drop_from_page_cache(str(encodings[store].path))
-            r0, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-            res = pc.generate(encodings[store], case.question, config=cfg)
-            wall, r1 = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF)
-            cpu = r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime
-            runs[name].append({"wall_s": wall, "cpu_s": cpu})
+            res, run = timed_answer(pc, encodings[store], case.question, cfg)
+            runs[name].append(run)
             answers[store].add(res.text)
-            print(f"{name}: {wall:.2f} s (process CPU {cpu:.2f} s) {res.text.strip()[:40]!r}", file=sys.stderr,
-                  flush=True)
+            print(f"{name}: {run['wall_s']:.2f} s (process CPU {run['cpu_s']:.2f} s) {res.text.strip()[:40]!r}",
+                  file=sys.stderr, flush=True)
     table = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
     print(f"{tokens} tokens; store: exact {size['exact'] / 2**30:.2f} GiB, int8 {size['int8'] / 2**30:.2f} GiB")
     print("| variant | wall s | process CPU s |")
